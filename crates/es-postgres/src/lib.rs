@@ -1,0 +1,21 @@
+//! Postgres adapter of the event store: append with optimistic concurrency and
+//! idempotency keys in one statement, load a stream, and the outbox relay that
+//! publishes committed events to JetStream in a gap-safe order.
+//!
+//! Knows nothing of any domain: payloads are JSON, and turning a stored event
+//! into an integration message is the caller's [`relay::IntegrationMapper`].
+
+pub mod integration;
+pub mod relay;
+pub mod store;
+
+pub use relay::{IntegrationMapper, Relay, RelayConfig};
+pub use store::{AppendError, Appended, EventStore, NewEvent, StoreError};
+
+/// Migrations of the event store tables (`events`, `idempotency_keys`,
+/// `outbox_checkpoints`). Services run them beside their own migrations
+/// (`platform::db::migrate`); their versions never overlap.
+#[must_use]
+pub fn migrator() -> sqlx::migrate::Migrator {
+    sqlx::migrate!("./migrations")
+}

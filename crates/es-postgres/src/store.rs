@@ -1,0 +1,256 @@
+//! Append and load. One command costs at most two round trips: the load, and
+//! one statement (writable CTEs) that inserts the events and the idempotency
+//! key together. Concurrency control is `UNIQUE (stream_id, version)`, not a
+//! lock.
+
+use chrono::{DateTime, Utc};
+use es::{DomainEvent, EventContext, RecordedEvent};
+use sqlx::{PgExecutor, PgPool, Row as _, postgres::PgRow};
+use uuid::Uuid;
+
+/// An event about to be appended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event_type: &'static str,
+    pub schema_version: i32,
+    pub payload: serde_json::Value,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl NewEvent {
+    /// Serializes a domain event with a fresh time-ordered id.
+    ///
+    /// # Errors
+    ///
+    /// Fails only if the event cannot be represented as JSON.
+    pub fn from_domain<E: DomainEvent>(
+        event: &E,
+        occurred_at: DateTime<Utc>,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            event_id: Uuid::now_v7(),
+            event_type: event.event_type(),
+            schema_version: event.schema_version(),
+            payload: serde_json::to_value(event)?,
+            occurred_at,
+        })
+    }
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Stream version after the append.
+    pub version: i64,
+    /// Global position of the last event written: the read-your-writes token.
+    pub position: i64,
+}
+
+/// Why an append was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Another writer appended to the stream first. Retryable after a reload.
+    #[error("stream {stream_id} is no longer at version {expected_version}")]
+    Conflict {
+        stream_id: String,
+        expected_version: i64,
+    },
+    /// The idempotency key was used before; nothing was appended.
+    #[error("idempotency key already used")]
+    DuplicateKey,
+    #[error("event payload is not valid JSON: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("event store: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+/// Failure to read from the store.
+#[derive(Debug, thiserror::Error)]
+#[error("event store: {0}")]
+pub struct StoreError(#[from] pub sqlx::Error);
+
+const APPEND_SQL: &str = r"
+WITH ins AS (
+    INSERT INTO events (event_id, stream_id, version, event_type, schema_version, payload,
+                        occurred_at, correlation_id, causation_id, actor, traceparent)
+    SELECT e.event_id, $1, $2 + e.ord, e.event_type, e.schema_version, e.payload::jsonb,
+           e.occurred_at, $8, $9, $10, $11
+    FROM UNNEST($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::timestamptz[])
+         WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, occurred_at, ord)
+    RETURNING position, version
+), total AS (
+    SELECT max(version) AS version, max(position) AS position FROM ins
+), key AS (
+    INSERT INTO idempotency_keys (key, stream_id, version, position)
+    SELECT $12, $1, version, position FROM total WHERE $12::text IS NOT NULL
+)
+SELECT version, position FROM total";
+
+/// Appends `events` to `stream_id`, which must be at `expected_version`
+/// (0 for a new stream), recording `idempotency_key` in the same statement.
+///
+/// # Errors
+///
+/// [`AppendError::Conflict`] when another writer got there first,
+/// [`AppendError::DuplicateKey`] when the key was already used.
+pub async fn append<'e>(
+    executor: impl PgExecutor<'e>,
+    stream_id: &str,
+    expected_version: i64,
+    events: &[NewEvent],
+    context: &EventContext,
+    idempotency_key: Option<&str>,
+) -> Result<Appended, AppendError> {
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let versions: Vec<i32> = events.iter().map(|e| e.schema_version).collect();
+    let payloads = events
+        .iter()
+        .map(|e| serde_json::to_string(&e.payload))
+        .collect::<Result<Vec<_>, _>>()?;
+    let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.occurred_at).collect();
+    let row = sqlx::query(APPEND_SQL)
+        .bind(stream_id)
+        .bind(expected_version)
+        .bind(&ids)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(&times)
+        .bind(context.correlation_id)
+        .bind(context.causation_id)
+        .bind(&context.actor)
+        .bind(context.traceparent.as_deref())
+        .bind(idempotency_key)
+        .fetch_one(executor)
+        .await
+        .map_err(|e| classify(e, stream_id, expected_version))?;
+    Ok(Appended {
+        version: row.try_get("version").map_err(AppendError::Database)?,
+        position: row.try_get("position").map_err(AppendError::Database)?,
+    })
+}
+
+fn classify(error: sqlx::Error, stream_id: &str, expected_version: i64) -> AppendError {
+    if let sqlx::Error::Database(db) = &error
+        && db.is_unique_violation()
+    {
+        match db.constraint() {
+            Some("events_stream_version_key") => {
+                return AppendError::Conflict {
+                    stream_id: stream_id.to_owned(),
+                    expected_version,
+                };
+            }
+            Some("idempotency_keys_pkey") => return AppendError::DuplicateKey,
+            _ => {}
+        }
+    }
+    AppendError::Database(error)
+}
+
+/// The event store of one service database.
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    pool: PgPool,
+}
+
+pub(crate) const EVENT_COLUMNS: &str = "position, event_id, stream_id, version, event_type, schema_version, \
+     payload, occurred_at, correlation_id, causation_id, actor, traceparent";
+
+impl EventStore {
+    #[must_use]
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// See [`append`].
+    ///
+    /// # Errors
+    ///
+    /// As [`append`].
+    pub async fn append(
+        &self,
+        stream_id: &str,
+        expected_version: i64,
+        events: &[NewEvent],
+        context: &EventContext,
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, AppendError> {
+        append(
+            &self.pool,
+            stream_id,
+            expected_version,
+            events,
+            context,
+            idempotency_key,
+        )
+        .await
+    }
+
+    /// Every event of a stream, in version order. Empty if it does not exist.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn load(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(recorded_event).collect::<Result<_, _>>()?)
+    }
+
+    /// The stream an idempotency key wrote to, and what it wrote.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn find_idempotency_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, Appended)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT stream_id, version, position FROM idempotency_keys WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some((
+            r.try_get("stream_id")?,
+            Appended {
+                version: r.try_get("version")?,
+                position: r.try_get("position")?,
+            },
+        )))
+    }
+}
+
+pub(crate) fn recorded_event(row: &PgRow) -> Result<RecordedEvent, sqlx::Error> {
+    Ok(RecordedEvent {
+        position: row.try_get("position")?,
+        event_id: row.try_get("event_id")?,
+        stream_id: row.try_get("stream_id")?,
+        version: row.try_get("version")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        payload: row.try_get("payload")?,
+        occurred_at: row.try_get("occurred_at")?,
+        context: EventContext {
+            correlation_id: row.try_get("correlation_id")?,
+            causation_id: row.try_get("causation_id")?,
+            actor: row.try_get("actor")?,
+            traceparent: row.try_get("traceparent")?,
+        },
+    })
+}

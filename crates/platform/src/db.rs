@@ -1,0 +1,51 @@
+//! The Postgres pool every service uses.
+
+use std::time::Duration;
+
+use sqlx::{PgPool, postgres::PgPoolOptions};
+
+/// A lazily connecting pool. No ping on acquire (`test_before_acquire(false)`):
+/// a broken connection surfaces as an error on use, which callers map to
+/// UNAVAILABLE, instead of costing every command a round trip.
+///
+/// # Errors
+///
+/// Fails only when the URL does not parse.
+pub fn pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
+        .connect_lazy(url)
+}
+
+/// Runs each migrator in turn, waiting (bounded) for Postgres to accept connections so
+/// services can start before their database is up.
+///
+/// # Errors
+///
+/// Fails when Postgres stays unreachable for `wait` or a migration fails.
+pub async fn migrate(
+    pool: &PgPool,
+    migrators: Vec<sqlx::migrate::Migrator>,
+    wait: Duration,
+) -> Result<(), crate::StartError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match pool.acquire().await {
+            Ok(_) => break,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%error, "postgres not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    // Several migrators share `_sqlx_migrations` (event store + service);
+    // each must ignore the others' versions.
+    for mut migrator in migrators {
+        migrator.set_ignore_missing(true);
+        migrator.run(pool).await?;
+    }
+    Ok(())
+}

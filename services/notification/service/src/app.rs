@@ -1,0 +1,101 @@
+//! Composition root and lifecycle of notification-service.
+
+use std::{net::SocketAddr, time::Duration};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use contracts::notification::v1::notification_service_server::NotificationServiceServer;
+use messaging::{ConsumerSpec, StreamSpec};
+use platform::StartError;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService as _;
+
+use crate::{Settings, consumer, grpc::NotificationApi, store::NotificationStore};
+
+/// A built, not yet running notification-service: its port is bound, its
+/// database migrated and its durable consumers declared.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    store: NotificationStore,
+    consumers: Vec<PullConsumer>,
+}
+
+fn consumer_spec(settings: &Settings, stream: StreamSpec, suffix: &str, filter: &str) -> ConsumerSpec {
+    ConsumerSpec {
+        stream,
+        durable_name: format!("{}-{suffix}", settings.consumer_prefix),
+        filter_subject: filter.to_owned(),
+        ack_wait: Duration::from_secs(settings.ack_wait_secs),
+        max_deliver: settings.max_deliver,
+        max_ack_pending: 1000,
+    }
+}
+
+impl Application {
+    /// # Errors
+    ///
+    /// Fails when Postgres or NATS stay unreachable past the start-up wait,
+    /// a migration fails, or the port is taken.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let wait = Duration::from_secs(settings.startup_wait_secs);
+        let pool = platform::db::pool(&settings.database_url, settings.database_max_connections)?;
+        platform::db::migrate(&pool, vec![sqlx::migrate!("./migrations")], wait).await?;
+        let (_client, js) =
+            platform::nats::connect(&settings.nats_url, "notification-service", wait).await?;
+        let specs = [
+            consumer_spec(&settings, messaging::USERS_STREAM, "users", "user.>"),
+            consumer_spec(&settings, messaging::ORDERS_STREAM, "orders", "order.>"),
+        ];
+        let mut consumers = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            consumers.push(
+                messaging::ensure_consumer(&js, spec, &settings.streams)
+                    .await
+                    .map_err(|e| StartError::Nats(e.to_string()))?,
+            );
+        }
+        let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
+        Ok(Self {
+            listener,
+            addr,
+            store: NotificationStore::new(pool),
+            consumers,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    #[must_use]
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves gRPC and runs the consumers until `shutdown` fires.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the gRPC transport fails.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        tracing::info!(addr = %self.addr, "notification-service serving");
+        let workers: Vec<_> = self
+            .consumers
+            .into_iter()
+            .map(|c| tokio::spawn(consumer::run(c, self.store.clone(), shutdown.clone())))
+            .collect();
+        let result = platform::grpc::serve(
+            tonic::service::Routes::new(NotificationServiceServer::new(NotificationApi::new(self.store))),
+            NotificationServiceServer::<NotificationApi>::NAME,
+            self.listener,
+            shutdown.clone(),
+        )
+        .await;
+        shutdown.cancel();
+        for worker in workers {
+            if let Err(error) = worker.await {
+                tracing::error!(%error, "consumer task failed");
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,51 @@
+//! user-service settings: defaults overridden by `APP_...` variables.
+
+use messaging::StreamLimits;
+use platform::config::Secret;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// `APP_GRPC_ADDR`; port 0 picks a free one.
+    pub grpc_addr: String,
+    /// `APP_DATABASE_URL`.
+    pub database_url: String,
+    pub database_max_connections: u32,
+    /// `APP_NATS_URL`.
+    pub nats_url: String,
+    pub streams: StreamLimits,
+    pub auth: AuthSettings,
+    /// How long start-up waits for Postgres and NATS.
+    pub startup_wait_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthSettings {
+    /// `APP_AUTH__SIGNING_KEY`: HMAC-SHA256 key for access tokens, at least
+    /// 32 bytes. Empty means a random key per process (tokens die with it),
+    /// which is only fit for the local stack.
+    pub signing_key: Secret,
+    /// `APP_AUTH__KEY_ID`: the `kid` tokens are signed with.
+    pub key_id: String,
+    pub token_ttl_secs: u64,
+    pub issuer: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            grpc_addr: "127.0.0.1:50051".to_owned(),
+            database_url: "postgres://postgres@127.0.0.1:5432/shop_users".to_owned(),
+            database_max_connections: 10,
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            streams: StreamLimits::default(),
+            auth: AuthSettings {
+                signing_key: Secret::default(),
+                key_id: "k1".to_owned(),
+                token_ttl_secs: 3600,
+                issuer: "shop.user-service".to_owned(),
+            },
+            startup_wait_secs: 30,
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The `shop.user.v1.UserService` API: proto <-> domain at the edge, one
+//! mapping from errors to `Status`.
+
+use chrono::Utc;
+use contracts::user::v1::{self as pb, user_service_server::UserService};
+use es::EventContext;
+use platform::status::{self, FieldViolations};
+use tonic::{Request, Response, Status};
+use user_domain::{Email, Password};
+use uuid::Uuid;
+
+use crate::{
+    auth::{self, TokenIssuer},
+    store::{StoreError, UserRecord, UserStore},
+};
+
+/// Handlers of `UserService`.
+#[derive(Debug, Clone)]
+pub struct UserApi {
+    store: UserStore,
+    tokens: TokenIssuer,
+}
+
+impl UserApi {
+    #[must_use]
+    pub fn new(store: UserStore, tokens: TokenIssuer) -> Self {
+        Self { store, tokens }
+    }
+}
+
+const BAD_CREDENTIALS: &str = "email or password is incorrect";
+
+fn to_proto(user: &UserRecord) -> pb::User {
+    pb::User {
+        id: user.id.to_string(),
+        email: user.email.clone(),
+        created_at: Some(contracts::timestamp(user.created_at)),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| status::internal(&e))
+}
+
+#[tonic::async_trait]
+impl UserService for UserApi {
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let correlation_id = platform::grpc::correlation_id(request.metadata());
+        let request = request.into_inner();
+        let mut violations = FieldViolations::new();
+        let email = violations.check("email", Email::parse(&request.email));
+        let password = violations.check("password", Password::parse(&request.password));
+        let (Some(email), Some(password)) = (email, password) else {
+            return Err(violations.into_status());
+        };
+        let hash = blocking(move || auth::hash_password(password.expose()))
+            .await?
+            .map_err(|e| status::internal(&e))?;
+        let id = Uuid::now_v7();
+        let context = EventContext {
+            correlation_id,
+            causation_id: correlation_id,
+            actor: id.to_string(),
+            traceparent: None,
+        };
+        let user = self
+            .store
+            .create(id, &email, &hash, &context)
+            .await
+            .map_err(|e| match e {
+                StoreError::EmailTaken => status::already_exists("email", "is already registered"),
+                StoreError::Database(e) => status::from_sqlx(&e),
+                StoreError::Append(e) => status::unavailable("database", &e),
+            })?;
+        tracing::info!(user_id = %user.id, "user created");
+        Ok(Response::new(pb::CreateUserResponse {
+            user: Some(to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn authenticate(
+        &self,
+        request: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = FieldViolations::new();
+        if request.email.trim().is_empty() {
+            violations.add("email", "is required");
+        }
+        if request.password.is_empty() {
+            violations.add("password", "is required");
+        }
+        violations.into_result()?;
+        // A malformed email cannot belong to anyone: same answer as unknown.
+        let user = match Email::parse(&request.email) {
+            Ok(email) => self
+                .store
+                .find_by_email(&email)
+                .await
+                .map_err(|e| status::from_sqlx(&e))?,
+            Err(_) => None,
+        };
+        let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
+        let password = request.password;
+        let ok = blocking(move || auth::verify_password(&password, stored_hash.as_deref())).await?;
+        let Some(user) = user.filter(|_| ok) else {
+            return Err(Status::unauthenticated(BAD_CREDENTIALS));
+        };
+        let (token, claims) = self.tokens.issue(user.id, &user.email, Utc::now());
+        Ok(Response::new(pb::AuthenticateResponse {
+            access_token: token,
+            expires_at: Some(contracts::timestamp(claims.expires_at())),
+            user_id: user.id.to_string(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn validate_token(
+        &self,
+        request: Request<pb::ValidateTokenRequest>,
+    ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
+        let token = request.into_inner().access_token;
+        if token.is_empty() {
+            return Err(status::invalid_argument("access_token", "is required"));
+        }
+        let claims = self.tokens.verify(&token, Utc::now()).map_err(|e| {
+            tracing::info!(reason = %e, "token rejected");
+            Status::unauthenticated(format!("access_token: {e}"))
+        })?;
+        Ok(Response::new(pb::ValidateTokenResponse {
+            user_id: claims.sub.to_string(),
+            email: claims.email.clone(),
+            expires_at: Some(contracts::timestamp(claims.expires_at())),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let raw = request.into_inner().user_id;
+        let id = Uuid::parse_str(&raw)
+            .map_err(|_| status::invalid_argument("user_id", "must be a UUID"))?;
+        let user = self
+            .store
+            .get(id)
+            .await
+            .map_err(|e| status::from_sqlx(&e))?
+            .ok_or_else(|| Status::not_found(format!("user {id} not found")))?;
+        Ok(Response::new(pb::GetUserResponse {
+            user: Some(to_proto(&user)),
+        }))
+    }
+}
