@@ -1,1 +1,11 @@
-//! it
+//! Integration tests against real Postgres and a real nats-server (one test
+//! binary for the whole workspace: one link, shared test kit).
+//!
+//! Run with `scripts/test`, which makes sure both servers are available.
+
+mod e2e;
+mod notification_api;
+mod order_api;
+mod relay;
+mod support;
+mod user_api;

@@ -3,7 +3,13 @@
 //!
 //! Each module mirrors one versioned protobuf package.
 
-#![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic, missing_debug_implementations)]
+#![allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
 
 /// `shop.user.v1`: the user service.
 pub mod user {

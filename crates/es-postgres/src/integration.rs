@@ -28,7 +28,10 @@ pub fn outbound(event: &RecordedEvent, payload: &impl prost::Message) -> Outboun
         (headers::EVENT_TYPE, event.event_type.clone()),
         (headers::STREAM_ID, event.stream_id.clone()),
         (headers::STREAM_VERSION, event.version.to_string()),
-        (headers::CORRELATION_ID, event.context.correlation_id.to_string()),
+        (
+            headers::CORRELATION_ID,
+            event.context.correlation_id.to_string(),
+        ),
     ];
     if let Some(traceparent) = &event.context.traceparent {
         message_headers.push((headers::TRACEPARENT, traceparent.clone()));

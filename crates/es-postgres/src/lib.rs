@@ -12,6 +12,14 @@ pub mod store;
 pub use relay::{IntegrationMapper, Relay, RelayConfig};
 pub use store::{AppendError, Appended, EventStore, NewEvent, StoreError};
 
+/// The current time at the precision Postgres stores (microseconds), so a
+/// value returned before a write equals the value read back after it.
+#[must_use]
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound as _;
+    chrono::Utc::now().trunc_subsecs(6)
+}
+
 /// Migrations of the event store tables (`events`, `idempotency_keys`,
 /// `outbox_checkpoints`). Services run them beside their own migrations
 /// (`platform::db::migrate`); their versions never overlap.

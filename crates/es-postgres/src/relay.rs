@@ -109,7 +109,9 @@ pub struct Relay {
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -239,10 +241,12 @@ pub async fn read_batch(
 }
 
 async fn load_cursor(conn: &mut PgConnection, name: &str) -> Result<Cursor, sqlx::Error> {
-    let row = sqlx::query("SELECT tx_id::text AS tx_text, position FROM outbox_checkpoints WHERE name = $1")
-        .bind(name)
-        .fetch_optional(conn)
-        .await?;
+    let row = sqlx::query(
+        "SELECT tx_id::text AS tx_text, position FROM outbox_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await?;
     match row {
         Some(row) => Ok(Cursor {
             tx_id: row.try_get("tx_text")?,
@@ -252,7 +256,11 @@ async fn load_cursor(conn: &mut PgConnection, name: &str) -> Result<Cursor, sqlx
     }
 }
 
-async fn save_cursor(conn: &mut PgConnection, name: &str, cursor: &Cursor) -> Result<(), sqlx::Error> {
+async fn save_cursor(
+    conn: &mut PgConnection,
+    name: &str,
+    cursor: &Cursor,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO outbox_checkpoints (name, tx_id, position) VALUES ($1, $2::text::xid8, $3) \
          ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()",

@@ -200,9 +200,8 @@ impl EventStore {
     ///
     /// Fails when Postgres is unreachable.
     pub async fn load(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, StoreError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version"
-        );
+        let sql =
+            format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(stream_id)
             .fetch_all(&self.pool)
@@ -219,12 +218,11 @@ impl EventStore {
         &self,
         key: &str,
     ) -> Result<Option<(String, Appended)>, StoreError> {
-        let row = sqlx::query(
-            "SELECT stream_id, version, position FROM idempotency_keys WHERE key = $1",
-        )
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row =
+            sqlx::query("SELECT stream_id, version, position FROM idempotency_keys WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
         let Some(r) = row else { return Ok(None) };
         Ok(Some((
             r.try_get("stream_id")?,

@@ -11,7 +11,9 @@ use uuid::Uuid;
 
 /// An event a domain emits: a past-tense fact with a stable type name and a
 /// schema version, serialized as JSON into the event store.
-pub trait DomainEvent: Serialize + DeserializeOwned + Clone + std::fmt::Debug + Send + Sync {
+pub trait DomainEvent:
+    Serialize + DeserializeOwned + Clone + std::fmt::Debug + Send + Sync
+{
     /// Stable name, also the integration subject, e.g. `order.created`.
     fn event_type(&self) -> &'static str;
 

@@ -9,15 +9,15 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
     context::{CreateStreamError, PublishError},
-    publish::PublishAck,
     message::PublishMessage,
+    publish::PublishAck,
     stream::{ConsumerError, DiscardPolicy, RetentionPolicy, StorageType},
 };
+use async_nats::{HeaderMap, header::NATS_MESSAGE_ID};
 use bytes::Bytes;
 
 /// Header names set on every integration event besides `Nats-Msg-Id`.
@@ -193,13 +193,15 @@ pub async fn publish_all(
 ) -> Result<Vec<PublishAck>, MessagingError> {
     let mut pending = Vec::with_capacity(messages.len());
     for message in messages {
+        // One header map with everything: `PublishMessage::headers` replaces
+        // the map, so setting the id through the builder too would lose it.
         let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, message.message_id.as_str());
         for (name, value) in &message.headers {
             headers.insert(*name, value.as_str());
         }
         let publish = PublishMessage::build()
             .payload(message.payload.clone())
-            .message_id(message.message_id.as_str())
             .headers(headers);
         let ack = js
             .send_publish(message.subject.clone(), publish)

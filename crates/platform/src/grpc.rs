@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::StartError;
 

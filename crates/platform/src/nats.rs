@@ -25,11 +25,13 @@ pub async fn connect(
             .connection_timeout(Duration::from_secs(2));
         // `retry_on_initial_connect` returns at once; prove the link with a flush.
         let attempt = match options.connect(url).await {
-            Ok(client) => match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
-                Ok(Ok(())) => Ok(client),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(_) => Err("no answer within 2s".to_owned()),
-            },
+            Ok(client) => {
+                match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+                    Ok(Ok(())) => Ok(client),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("no answer within 2s".to_owned()),
+                }
+            }
             Err(error) => Err(error.to_string()),
         };
         match attempt {

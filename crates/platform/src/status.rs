@@ -22,7 +22,11 @@ impl FieldViolations {
     }
 
     /// Keeps the value if `result` is `Ok`, records the violation otherwise.
-    pub fn check<T, E: ToString>(&mut self, field: impl Into<String>, result: Result<T, E>) -> Option<T> {
+    pub fn check<T, E: ToString>(
+        &mut self,
+        field: impl Into<String>,
+        result: Result<T, E>,
+    ) -> Option<T> {
         match result {
             Ok(value) => Some(value),
             Err(error) => {
@@ -119,7 +123,11 @@ pub fn from_sqlx(error: &sqlx::Error) -> Status {
         | sqlx::Error::PoolClosed
         | sqlx::Error::Tls(_)
         | sqlx::Error::WorkerCrashed => unavailable("database", error),
-        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) => {
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+        {
             unavailable("database", error)
         }
         _ => internal(error),

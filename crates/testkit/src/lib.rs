@@ -1,1 +1,67 @@
-//! placeholder
+//! Test kit (dev only): real infrastructure for tests, never mocks.
+//!
+//! - [`TestDb`]: a fresh database per test on the test Postgres server
+//!   (`SHOP_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! - [`NatsServer`]: a private `nats-server -js` process per test, on a free
+//!   port, that the test can stop and start again.
+//! - [`TestStack`]: the three services in-process on port 0, wired to those,
+//!   with typed clients.
+
+mod nats;
+mod pg;
+mod stack;
+
+pub use nats::NatsServer;
+pub use pg::TestDb;
+pub use stack::{TestStack, bearer};
+
+/// Installs test logging once (`RUST_LOG` to see service logs).
+pub fn init_logging() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let _ = fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A port that was free a moment ago.
+///
+/// # Panics
+///
+/// If the OS has no free port.
+#[must_use]
+pub fn free_port() -> u16 {
+    #[allow(clippy::unwrap_used)]
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout`.
+///
+/// # Errors
+///
+/// When `timeout` passes first; the error says what was awaited.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

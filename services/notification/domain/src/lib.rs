@@ -103,6 +103,9 @@ mod tests {
         }
         .render();
         assert!(message.subject.contains(&order_id.to_string()));
-        assert_eq!(message.body, "We received your order of 3 items totalling 30.00 EUR.");
+        assert_eq!(
+            message.body,
+            "We received your order of 3 items totalling 30.00 EUR."
+        );
     }
 }

@@ -22,7 +22,12 @@ pub struct Application {
     consumers: Vec<PullConsumer>,
 }
 
-fn consumer_spec(settings: &Settings, stream: StreamSpec, suffix: &str, filter: &str) -> ConsumerSpec {
+fn consumer_spec(
+    settings: &Settings,
+    stream: StreamSpec,
+    suffix: &str,
+    filter: &str,
+) -> ConsumerSpec {
     ConsumerSpec {
         stream,
         durable_name: format!("{}-{suffix}", settings.consumer_prefix),
@@ -84,7 +89,9 @@ impl Application {
             .map(|c| tokio::spawn(consumer::run(c, self.store.clone(), shutdown.clone())))
             .collect();
         let result = platform::grpc::serve(
-            tonic::service::Routes::new(NotificationServiceServer::new(NotificationApi::new(self.store))),
+            tonic::service::Routes::new(NotificationServiceServer::new(NotificationApi::new(
+                self.store,
+            ))),
             NotificationServiceServer::<NotificationApi>::NAME,
             self.listener,
             shutdown.clone(),

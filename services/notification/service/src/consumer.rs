@@ -58,7 +58,8 @@ fn metadata(meta: Option<&pb::EventMetadata>) -> Result<(Uuid, DateTime<Utc>), D
 pub fn decode(subject: &str, payload: &[u8]) -> Result<Option<Decoded>, DecodeError> {
     let decoded = match subject {
         "user.created" => {
-            let event = pb::UserCreated::decode(payload).map_err(|e| DecodeError::Protobuf("UserCreated", e))?;
+            let event = pb::UserCreated::decode(payload)
+                .map_err(|e| DecodeError::Protobuf("UserCreated", e))?;
             let (event_id, occurred_at) = metadata(event.metadata.as_ref())?;
             Decoded {
                 event_id,
@@ -70,7 +71,8 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<Option<Decoded>, DecodeEr
             }
         }
         "order.created" => {
-            let event = pb::OrderCreated::decode(payload).map_err(|e| DecodeError::Protobuf("OrderCreated", e))?;
+            let event = pb::OrderCreated::decode(payload)
+                .map_err(|e| DecodeError::Protobuf("OrderCreated", e))?;
             let (event_id, occurred_at) = metadata(event.metadata.as_ref())?;
             Decoded {
                 event_id,

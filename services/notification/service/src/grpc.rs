@@ -46,12 +46,18 @@ impl NotificationService for NotificationApi {
     ) -> Result<Response<pb::ListNotificationsResponse>, Status> {
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let user_id = violations.check("user_id", Uuid::parse_str(request.user_id.trim()).map_err(|_| "must be a UUID"));
+        let user_id = violations.check(
+            "user_id",
+            Uuid::parse_str(request.user_id.trim()).map_err(|_| "must be a UUID"),
+        );
         let page_size = match request.page_size {
             0 => Some(DEFAULT_PAGE_SIZE),
             n @ 1..=MAX_PAGE_SIZE => Some(i64::from(n)),
             _ => {
-                violations.add("page_size", format!("must be between 1 and {MAX_PAGE_SIZE}"));
+                violations.add(
+                    "page_size",
+                    format!("must be between 1 and {MAX_PAGE_SIZE}"),
+                );
                 None
             }
         };
@@ -60,7 +66,11 @@ impl NotificationService for NotificationApi {
         } else {
             violations.check(
                 "page_token",
-                request.page_token.parse::<i64>().map(Some).map_err(|_| "is not a token this service issued"),
+                request
+                    .page_token
+                    .parse::<i64>()
+                    .map(Some)
+                    .map_err(|_| "is not a token this service issued"),
             )
         };
         let (Some(user_id), Some(page_size), Some(before)) = (user_id, page_size, before) else {

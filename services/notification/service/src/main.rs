@@ -5,6 +5,7 @@ async fn main() -> anyhow::Result<()> {
     platform::telemetry::init("notification-service");
     let settings: notification_service::Settings = platform::config::load()?;
     let app = notification_service::Application::build(settings).await?;
-    app.run_until_stopped(platform::shutdown::on_signal()).await?;
+    app.run_until_stopped(platform::shutdown::on_signal())
+        .await?;
     Ok(())
 }

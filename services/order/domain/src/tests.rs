@@ -32,7 +32,15 @@ fn creating_an_order_records_lines_and_total() {
     let events = given(&[])
         .handle(create(vec![line("A-1", 2, 1250), line("B-2", 1, 500)]))
         .expect("accepted");
-    let [OrderEvent::Created { total_minor, currency, lines, .. }] = events.as_slice() else {
+    let [
+        OrderEvent::Created {
+            total_minor,
+            currency,
+            lines,
+            ..
+        },
+    ] = events.as_slice()
+    else {
         panic!("expected one Created event, got {events:?}");
     };
     assert_eq!(*total_minor, 3000);
@@ -45,7 +53,9 @@ fn creating_an_order_records_lines_and_total() {
 
 #[test]
 fn an_order_cannot_be_created_twice() {
-    let events = given(&[]).handle(create(vec![line("A", 1, 1)])).expect("accepted");
+    let events = given(&[])
+        .handle(create(vec![line("A", 1, 1)]))
+        .expect("accepted");
     assert_eq!(
         given(&events).handle(create(vec![line("A", 1, 1)])),
         Err(OrderError::AlreadyExists {
@@ -61,8 +71,13 @@ fn an_empty_order_is_refused() {
 
 #[test]
 fn too_many_lines_are_refused() {
-    let lines = (0..=MAX_LINES).map(|i| line(&format!("S{i}"), 1, 1)).collect();
-    assert_eq!(given(&[]).handle(create(lines)), Err(OrderError::TooManyLines));
+    let lines = (0..=MAX_LINES)
+        .map(|i| line(&format!("S{i}"), 1, 1))
+        .collect();
+    assert_eq!(
+        given(&[]).handle(create(lines)),
+        Err(OrderError::TooManyLines)
+    );
 }
 
 #[test]
@@ -87,7 +102,9 @@ fn line_values_are_parsed() {
 
 #[test]
 fn events_round_trip_through_json() {
-    let events = given(&[]).handle(create(vec![line("A-1", 2, 1250)])).expect("accepted");
+    let events = given(&[])
+        .handle(create(vec![line("A-1", 2, 1250)]))
+        .expect("accepted");
     let json = serde_json::to_value(&events[0]).expect("serialize");
     assert_eq!(json["type"], "created");
     assert_eq!(json["lines"][0]["unit_price"], 1250);

@@ -35,7 +35,8 @@ impl Application {
             wait,
         )
         .await?;
-        let (_client, js) = platform::nats::connect(&settings.nats_url, "order-service", wait).await?;
+        let (_client, js) =
+            platform::nats::connect(&settings.nats_url, "order-service", wait).await?;
         messaging::ensure_stream(&js, messaging::ORDERS_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;

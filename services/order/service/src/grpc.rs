@@ -57,7 +57,10 @@ fn parse_create(request: &pb::CreateOrderRequest) -> Result<(Currency, Vec<Order
         violations.add("items", "at least one item is required");
     }
     if request.items.len() > order_domain::MAX_LINES {
-        violations.add("items", format!("at most {} items are allowed", order_domain::MAX_LINES));
+        violations.add(
+            "items",
+            format!("at most {} items are allowed", order_domain::MAX_LINES),
+        );
     }
     let mut lines = Vec::with_capacity(request.items.len());
     for (i, item) in request.items.iter().enumerate() {
@@ -161,7 +164,7 @@ impl OrderService for OrderApi {
                 lines,
             })
             .map_err(|e| domain_error(&e))?;
-        let now = Utc::now();
+        let now = es_postgres::now();
         let new_events = events
             .iter()
             .map(|e| NewEvent::from_domain(e, now))
@@ -190,11 +193,15 @@ impl OrderService for OrderApi {
                     .find_idempotency_key(key)
                     .await
                     .map_err(|e| status::unavailable("database", &e))?
-                    .ok_or_else(|| Status::aborted("idempotency key is being used concurrently; retry"))?;
+                    .ok_or_else(|| {
+                        Status::aborted("idempotency key is being used concurrently; retry")
+                    })?;
                 let original = stream
                     .strip_prefix("order-")
                     .and_then(|id| Uuid::parse_str(id).ok())
-                    .ok_or_else(|| Status::internal("idempotency key points to a foreign stream"))?;
+                    .ok_or_else(|| {
+                        Status::internal("idempotency key points to a foreign stream")
+                    })?;
                 tracing::info!(%original, "idempotent retry: returning the original order");
                 let (order, times) = self
                     .load(original)

@@ -5,6 +5,7 @@ async fn main() -> anyhow::Result<()> {
     platform::telemetry::init("order-service");
     let settings: order_service::Settings = platform::config::load()?;
     let app = order_service::Application::build(settings).await?;
-    app.run_until_stopped(platform::shutdown::on_signal()).await?;
+    app.run_until_stopped(platform::shutdown::on_signal())
+        .await?;
     Ok(())
 }

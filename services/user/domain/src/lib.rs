@@ -45,7 +45,9 @@ impl Email {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
         let local_ok = !local.is_empty()
             && local.len() <= 64
-            && !local.chars().any(|c| c.is_whitespace() || c.is_control() || c == '@');
+            && !local
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '@');
         if domain_ok && local_ok {
             Ok(Self(email))
         } else {
@@ -162,7 +164,18 @@ mod tests {
 
     #[test]
     fn malformed_emails_are_refused() {
-        for raw in ["", "   ", "ada", "ada@", "@example.com", "ada@example", "ada@@x.com", "a b@x.com", "ada@.x.com", "ada@x..com"] {
+        for raw in [
+            "",
+            "   ",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "ada@@x.com",
+            "a b@x.com",
+            "ada@.x.com",
+            "ada@x..com",
+        ] {
             assert!(Email::parse(raw).is_err(), "{raw:?} should be refused");
         }
     }
@@ -172,7 +185,10 @@ mod tests {
         assert_eq!(Password::parse(""), Err(PasswordError::Empty));
         assert_eq!(Password::parse("short"), Err(PasswordError::TooShort));
         assert_eq!(Password::parse("        "), Err(PasswordError::Blank));
-        assert_eq!(Password::parse(&"x".repeat(129)), Err(PasswordError::TooLong));
+        assert_eq!(
+            Password::parse(&"x".repeat(129)),
+            Err(PasswordError::TooLong)
+        );
         assert!(Password::parse("correct horse").is_ok());
     }
 

@@ -10,11 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService as _;
 
 use crate::{
-    Settings,
-    auth::TokenIssuer,
-    config::AuthSettings,
-    grpc::UserApi,
-    integration::UserEvents,
+    Settings, auth::TokenIssuer, config::AuthSettings, grpc::UserApi, integration::UserEvents,
     store::UserStore,
 };
 
@@ -42,7 +38,8 @@ impl Application {
             wait,
         )
         .await?;
-        let (_client, js) = platform::nats::connect(&settings.nats_url, "user-service", wait).await?;
+        let (_client, js) =
+            platform::nats::connect(&settings.nats_url, "user-service", wait).await?;
         messaging::ensure_stream(&js, messaging::USERS_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
@@ -95,7 +92,9 @@ fn token_issuer(auth: &AuthSettings) -> Result<TokenIssuer, StartError> {
     let ttl = chrono::Duration::seconds(i64::try_from(auth.token_ttl_secs).unwrap_or(3600));
     let key = auth.signing_key.expose().as_bytes().to_vec();
     let key = if key.is_empty() {
-        tracing::warn!("APP_AUTH__SIGNING_KEY is not set: using a random key; tokens die with this process");
+        tracing::warn!(
+            "APP_AUTH__SIGNING_KEY is not set: using a random key; tokens die with this process"
+        );
         use rand::RngCore as _;
         let mut key = vec![0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);

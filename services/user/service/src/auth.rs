@@ -145,8 +145,12 @@ impl TokenIssuer {
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap_or_default()),
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap_or_default()),
         );
-        let signature = self.mac(&self.active_kid, signing_input.as_bytes()).map(|mac| mac.finalize().into_bytes());
-        let signature = signature.map(|s| URL_SAFE_NO_PAD.encode(s)).unwrap_or_default();
+        let signature = self
+            .mac(&self.active_kid, signing_input.as_bytes())
+            .map(|mac| mac.finalize().into_bytes());
+        let signature = signature
+            .map(|s| URL_SAFE_NO_PAD.encode(s))
+            .unwrap_or_default();
         (format!("{signing_input}.{signature}"), claims)
     }
 
@@ -166,12 +170,15 @@ impl TokenIssuer {
         if header.alg != "HS256" {
             return Err(TokenError::Malformed);
         }
-        let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| TokenError::Malformed)?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| TokenError::Malformed)?;
         let signing_input_len = token.len() - token.rsplit('.').next().map_or(0, str::len) - 1;
         let mac = self
             .mac(&header.kid, &token.as_bytes()[..signing_input_len])
             .ok_or(TokenError::UnknownKey)?;
-        mac.verify_slice(&signature).map_err(|_| TokenError::BadSignature)?;
+        mac.verify_slice(&signature)
+            .map_err(|_| TokenError::BadSignature)?;
         let claims: Claims = decode_json(claims)?;
         if claims.iss != self.issuer {
             return Err(TokenError::WrongIssuer);
@@ -191,7 +198,9 @@ impl TokenIssuer {
 }
 
 fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenError> {
-    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| TokenError::Malformed)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::Malformed)?;
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
 }
 
@@ -200,7 +209,12 @@ mod tests {
     use super::*;
 
     fn issuer() -> TokenIssuer {
-        TokenIssuer::new("k1", b"0123456789abcdef0123456789abcdef", "test", chrono::Duration::minutes(5))
+        TokenIssuer::new(
+            "k1",
+            b"0123456789abcdef0123456789abcdef",
+            "test",
+            chrono::Duration::minutes(5),
+        )
     }
 
     #[test]
@@ -223,11 +237,24 @@ mod tests {
         let mut tampered = token.clone();
         tampered.insert(token.find('.').expect("dot") + 3, 'x');
         assert!(issuer().verify(&tampered, now).is_err());
-        let other = TokenIssuer::new("k2", b"another-key-another-key-another!!", "test", chrono::Duration::minutes(5));
+        let other = TokenIssuer::new(
+            "k2",
+            b"another-key-another-key-another!!",
+            "test",
+            chrono::Duration::minutes(5),
+        );
         assert_eq!(other.verify(&token, now), Err(TokenError::UnknownKey));
-        let same_kid = TokenIssuer::new("k1", b"another-key-another-key-another!!", "test", chrono::Duration::minutes(5));
+        let same_kid = TokenIssuer::new(
+            "k1",
+            b"another-key-another-key-another!!",
+            "test",
+            chrono::Duration::minutes(5),
+        );
         assert_eq!(same_kid.verify(&token, now), Err(TokenError::BadSignature));
-        assert_eq!(issuer().verify("not.a.token", now), Err(TokenError::Malformed));
+        assert_eq!(
+            issuer().verify("not.a.token", now),
+            Err(TokenError::Malformed)
+        );
         assert_eq!(issuer().verify("", now), Err(TokenError::Malformed));
     }
 
@@ -235,8 +262,13 @@ mod tests {
     fn a_rotated_key_still_verifies_old_tokens() {
         let now = Utc::now();
         let (token, _) = issuer().issue(Uuid::now_v7(), "a@b.co", now);
-        let rotated = TokenIssuer::new("k2", b"another-key-another-key-another!!", "test", chrono::Duration::minutes(5))
-            .with_verification_key("k1", b"0123456789abcdef0123456789abcdef");
+        let rotated = TokenIssuer::new(
+            "k2",
+            b"another-key-another-key-another!!",
+            "test",
+            chrono::Duration::minutes(5),
+        )
+        .with_verification_key("k1", b"0123456789abcdef0123456789abcdef");
         assert!(rotated.verify(&token, now).is_ok());
     }
 

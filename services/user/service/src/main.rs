@@ -5,6 +5,7 @@ async fn main() -> anyhow::Result<()> {
     platform::telemetry::init("user-service");
     let settings: user_service::Settings = platform::config::load()?;
     let app = user_service::Application::build(settings).await?;
-    app.run_until_stopped(platform::shutdown::on_signal()).await?;
+    app.run_until_stopped(platform::shutdown::on_signal())
+        .await?;
     Ok(())
 }

@@ -51,26 +51,28 @@ impl UserStore {
         password_hash: &str,
         context: &EventContext,
     ) -> Result<UserRecord, StoreError> {
-        let now = Utc::now();
+        let now = es_postgres::now();
         let event = UserEvent::Created {
             user_id: id,
             email: email.clone(),
         };
         let new_event = NewEvent::from_domain(&event, now).map_err(AppendError::from)?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(email.as_str())
-            .bind(password_hash)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) if db.constraint() == Some("users_email_key") => {
-                    StoreError::EmailTaken
-                }
-                _ => StoreError::Database(e),
-            })?;
+        sqlx::query(
+            "INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(email.as_str())
+        .bind(password_hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.constraint() == Some("users_email_key") => {
+                StoreError::EmailTaken
+            }
+            _ => StoreError::Database(e),
+        })?;
         let stream = format!("{}-{id}", user_domain::STREAM_PREFIX);
         es_postgres::store::append(&mut *tx, &stream, 0, &[new_event], context, None).await?;
         tx.commit().await?;
@@ -86,10 +88,11 @@ impl UserStore {
     ///
     /// Fails when Postgres is unreachable.
     pub async fn find_by_email(&self, email: &Email) -> Result<Option<UserRecord>, sqlx::Error> {
-        let row = sqlx::query("SELECT id, email, password_hash, created_at FROM users WHERE email = $1")
-            .bind(email.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, email, password_hash, created_at FROM users WHERE email = $1")
+                .bind(email.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
         row.as_ref().map(record).transpose()
     }
 
@@ -97,10 +100,11 @@ impl UserStore {
     ///
     /// Fails when Postgres is unreachable.
     pub async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, sqlx::Error> {
-        let row = sqlx::query("SELECT id, email, password_hash, created_at FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, email, password_hash, created_at FROM users WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         row.as_ref().map(record).transpose()
     }
 }

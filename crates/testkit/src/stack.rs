@@ -1,0 +1,216 @@
+//! The three services in-process on port 0, on fresh databases and a private
+//! nats-server, with typed clients.
+
+use std::{net::SocketAddr, time::Duration};
+
+use contracts::{
+    notification::v1::notification_service_client::NotificationServiceClient,
+    order::v1::order_service_client::OrderServiceClient,
+    user::v1::{self as user_pb, user_service_client::UserServiceClient},
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{NatsServer, TestDb};
+
+/// A whole system for one test. Dropping it stops the services and the
+/// nats-server.
+#[derive(Debug)]
+pub struct TestStack {
+    pub nats: NatsServer,
+    pub user_db: TestDb,
+    pub order_db: TestDb,
+    pub notification_db: TestDb,
+    pub user_addr: SocketAddr,
+    pub order_addr: SocketAddr,
+    pub notification_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// A fixed, test-only signing key (32 bytes).
+const TEST_SIGNING_KEY: &str = "test-signing-key-test-signing-key";
+
+fn spawn<F>(name: &'static str, run: F) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = Result<(), platform::StartError>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = run.await {
+            tracing::error!(service = name, %error, "service stopped with an error");
+        }
+    })
+}
+
+impl TestStack {
+    /// Starts nats-server, creates three databases and starts the services.
+    ///
+    /// # Errors
+    ///
+    /// When Postgres or nats-server are not available, or a service fails to start.
+    pub async fn start() -> anyhow::Result<Self> {
+        crate::init_logging();
+        let nats = NatsServer::start().await?;
+        let (user_db, order_db, notification_db) = tokio::try_join!(
+            TestDb::create("users"),
+            TestDb::create("orders"),
+            TestDb::create("notifications"),
+        )?;
+        let shutdown = CancellationToken::new();
+
+        let user = user_service::Application::build(user_service::Settings {
+            grpc_addr: "127.0.0.1:0".to_owned(),
+            database_url: user_db.url.clone(),
+            nats_url: nats.url(),
+            auth: user_service::config::AuthSettings {
+                signing_key: platform::config::Secret::new(TEST_SIGNING_KEY),
+                ..user_service::Settings::default().auth
+            },
+            startup_wait_secs: 10,
+            ..Default::default()
+        })
+        .await?;
+        let user_addr = user.grpc_addr();
+
+        let order = order_service::Application::build(order_service::Settings {
+            grpc_addr: "127.0.0.1:0".to_owned(),
+            database_url: order_db.url.clone(),
+            nats_url: nats.url(),
+            user_service_url: format!("http://{user_addr}"),
+            startup_wait_secs: 10,
+            ..Default::default()
+        })
+        .await?;
+        let order_addr = order.grpc_addr();
+
+        let notification =
+            notification_service::Application::build(notification_service::Settings {
+                grpc_addr: "127.0.0.1:0".to_owned(),
+                database_url: notification_db.url.clone(),
+                nats_url: nats.url(),
+                startup_wait_secs: 10,
+                ..Default::default()
+            })
+            .await?;
+        let notification_addr = notification.grpc_addr();
+
+        let tasks = vec![
+            spawn("user-service", user.run_until_stopped(shutdown.clone())),
+            spawn("order-service", order.run_until_stopped(shutdown.clone())),
+            spawn(
+                "notification-service",
+                notification.run_until_stopped(shutdown.clone()),
+            ),
+        ];
+        Ok(Self {
+            nats,
+            user_db,
+            order_db,
+            notification_db,
+            user_addr,
+            order_addr,
+            notification_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?)
+    }
+
+    /// # Errors
+    ///
+    /// When the service does not accept the connection.
+    pub async fn users(&self) -> anyhow::Result<UserServiceClient<Channel>> {
+        Ok(UserServiceClient::new(Self::channel(self.user_addr).await?))
+    }
+
+    /// # Errors
+    ///
+    /// When the service does not accept the connection.
+    pub async fn orders(&self) -> anyhow::Result<OrderServiceClient<Channel>> {
+        Ok(OrderServiceClient::new(
+            Self::channel(self.order_addr).await?,
+        ))
+    }
+
+    /// # Errors
+    ///
+    /// When the service does not accept the connection.
+    pub async fn notifications(&self) -> anyhow::Result<NotificationServiceClient<Channel>> {
+        Ok(NotificationServiceClient::new(
+            Self::channel(self.notification_addr).await?,
+        ))
+    }
+
+    /// A channel to any of the services, for health checks.
+    ///
+    /// # Errors
+    ///
+    /// When the service does not accept the connection.
+    pub async fn channel_to(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
+        Self::channel(addr).await
+    }
+
+    /// Registers a user with a unique email and logs in. Returns the user id
+    /// and access token.
+    ///
+    /// # Errors
+    ///
+    /// When either call fails.
+    pub async fn signed_up_user(&self) -> anyhow::Result<(String, String)> {
+        let email = format!("user-{}@example.com", uuid::Uuid::new_v4().simple());
+        let password = "correct horse battery".to_owned();
+        let mut users = self.users().await?;
+        let user = users
+            .create_user(user_pb::CreateUserRequest {
+                email: email.clone(),
+                password: password.clone(),
+            })
+            .await?
+            .into_inner()
+            .user
+            .ok_or_else(|| anyhow::anyhow!("CreateUser returned no user"))?;
+        let token = users
+            .authenticate(user_pb::AuthenticateRequest { email, password })
+            .await?
+            .into_inner()
+            .access_token;
+        Ok((user.id, token))
+    }
+
+    /// Stops the services and waits for them to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Wraps `message` in a request carrying `authorization: Bearer <token>`.
+///
+/// # Panics
+///
+/// If the token contains bytes that cannot be sent as metadata.
+#[must_use]
+pub fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    #[allow(clippy::unwrap_used)]
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}

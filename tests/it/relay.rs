@@ -1,0 +1,274 @@
+//! The outbox relay against real Postgres and nats-server: the gap test from
+//! the architecture brief, and restarts that lose and duplicate nothing.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_nats::jetstream;
+use es::{EventContext, RecordedEvent};
+use es_postgres::{IntegrationMapper, NewEvent, Relay, RelayConfig, relay::MapError};
+use futures::StreamExt as _;
+use messaging::{OutboundMessage, StreamSpec};
+use testkit::{NatsServer, TestDb, eventually};
+use tokio_util::sync::CancellationToken;
+
+const GAP_STREAM: StreamSpec = StreamSpec {
+    name: "GAPTEST",
+    subjects: &["gap.>"],
+};
+
+/// Publishes every stored event as `gap.event` with its id as payload; while
+/// `refuse` names a stream, events of that stream cannot be mapped (which
+/// stops the relay there).
+#[derive(Clone, Default)]
+struct Everything {
+    refuse: Arc<Mutex<Option<String>>>,
+}
+
+impl IntegrationMapper for Everything {
+    fn map(&self, event: &RecordedEvent) -> Result<Option<OutboundMessage>, MapError> {
+        if self.refuse.lock().expect("lock").as_deref() == Some(event.stream_id.as_str()) {
+            return Err(MapError {
+                event_id: event.event_id,
+                event_type: event.event_type.clone(),
+                reason: "refused by the test".to_owned(),
+            });
+        }
+        Ok(Some(OutboundMessage {
+            subject: "gap.event".to_owned(),
+            message_id: event.event_id.to_string(),
+            headers: vec![],
+            payload: event.event_id.to_string().into(),
+        }))
+    }
+}
+
+fn new_event() -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "test.happened",
+        schema_version: 1,
+        payload: serde_json::json!({"n": 1}),
+        occurred_at: chrono::Utc::now(),
+    }
+}
+
+struct Setup {
+    db: TestDb,
+    pool: sqlx::PgPool,
+    _nats: NatsServer,
+    js: jetstream::Context,
+}
+
+async fn setup() -> anyhow::Result<Setup> {
+    testkit::init_logging();
+    let db = TestDb::create("relay").await?;
+    let pool = db.pool()?;
+    platform::db::migrate(&pool, vec![es_postgres::migrator()], Duration::from_secs(5)).await?;
+    let nats = NatsServer::start().await?;
+    let js = jetstream::new(async_nats::connect(nats.url()).await?);
+    messaging::ensure_stream(&js, GAP_STREAM, &messaging::StreamLimits::default()).await?;
+    Ok(Setup {
+        db,
+        pool,
+        _nats: nats,
+        js,
+    })
+}
+
+fn start_relay(
+    setup: &Setup,
+    mapper: Everything,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let config = RelayConfig {
+        poll_interval: Duration::from_millis(100),
+        retry_delay: Duration::from_millis(100),
+        batch_size: 50,
+        ..RelayConfig::new("gap-test")
+    };
+    let relay = Relay::new(setup.db.url.clone(), setup.js.clone(), mapper, config);
+    (shutdown.clone(), tokio::spawn(relay.run(shutdown)))
+}
+
+/// Every payload in the stream, in stream order.
+async fn published(js: &jetstream::Context) -> anyhow::Result<Vec<String>> {
+    let stream = js.get_stream(GAP_STREAM.name).await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let count = stream.get_info().await?.state.messages;
+    let mut out = Vec::new();
+    if count == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer
+        .fetch()
+        .max_messages(usize::try_from(count)?)
+        .messages()
+        .await?;
+    while let Some(message) = messages.next().await {
+        out.push(String::from_utf8(
+            message.map_err(|e| anyhow::anyhow!(e))?.payload.to_vec(),
+        )?);
+    }
+    Ok(out)
+}
+
+async fn stream_count(js: &jetstream::Context) -> u64 {
+    match js.get_stream(GAP_STREAM.name).await {
+        Ok(stream) => stream
+            .get_info()
+            .await
+            .map(|i| i.state.messages)
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+async fn all_event_ids(pool: &sqlx::PgPool) -> anyhow::Result<HashSet<String>> {
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM events")
+        .fetch_all(pool)
+        .await?;
+    Ok(ids.into_iter().map(|id| id.to_string()).collect())
+}
+
+/// 16 concurrent appenders commit while one transaction, which inserted
+/// first, stays open for 2 s. A naive `position > last` cursor read during
+/// the hold moves past the slow event's position and never sees it; the
+/// relay's `(tx_id, position)` cursor below the snapshot horizon publishes
+/// every event exactly once, the late one included.
+#[tokio::test]
+async fn a_transaction_that_commits_late_is_never_skipped() -> anyhow::Result<()> {
+    let setup = setup().await?;
+    let (shutdown, relay) = start_relay(&setup, Everything::default());
+    let context = EventContext::new("test");
+
+    let mut slow = setup.pool.begin().await?;
+    let late_event = new_event();
+    let late = es_postgres::store::append(
+        &mut *slow,
+        "slow-1",
+        0,
+        std::slice::from_ref(&late_event),
+        &context,
+        None,
+    )
+    .await?;
+
+    let appenders = (0..16).map(|i| {
+        let store = es_postgres::EventStore::new(setup.pool.clone());
+        let context = context.clone();
+        tokio::spawn(async move {
+            for version in 0..5 {
+                store
+                    .append(
+                        &format!("fast-{i}"),
+                        version,
+                        &[new_event()],
+                        &context,
+                        None,
+                    )
+                    .await
+                    .expect("append");
+            }
+        })
+    });
+    for appender in appenders {
+        appender.await?;
+    }
+
+    // What a naive cursor would have seen and remembered during the hold.
+    let naive_last: i64 = sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(&setup.pool)
+        .await?;
+    assert!(
+        naive_last > late.position,
+        "the late event's position is below the naive cursor"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    slow.commit().await?;
+    let naive_next: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM events WHERE position > $1")
+            .bind(naive_last)
+            .fetch_all(&setup.pool)
+            .await?;
+    assert!(
+        naive_next.is_empty(),
+        "a naive cursor never revisits position {}",
+        late.position
+    );
+
+    eventually("81 published events", Duration::from_secs(20), || async {
+        (stream_count(&setup.js).await >= 81).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let published = published(&setup.js).await?;
+    assert_eq!(published.len(), 81, "each event exactly once");
+    assert_eq!(
+        published.iter().cloned().collect::<HashSet<_>>(),
+        all_event_ids(&setup.pool).await?
+    );
+    assert!(published.contains(&late_event.event_id.to_string()));
+
+    shutdown.cancel();
+    relay.await?;
+    Ok(())
+}
+
+/// The relay is stopped while it cannot get past event 501 (a mapping
+/// failure holds it there, as a crash would), then a new relay resumes from
+/// the checkpoint: every event lands exactly once.
+#[tokio::test]
+async fn a_relay_stopped_mid_stream_resumes_without_loss_or_duplicates() -> anyhow::Result<()> {
+    let setup = setup().await?;
+    let store = es_postgres::EventStore::new(setup.pool.clone());
+    let context = EventContext::new("test");
+    for stream in 0..40 {
+        let events: Vec<_> = (0..25).map(|_| new_event()).collect();
+        store
+            .append(&format!("s-{stream}"), 0, &events, &context, None)
+            .await?;
+    }
+    let stuck = Everything::default();
+    *stuck.refuse.lock().expect("lock") = Some("s-20".to_owned());
+    let (shutdown, relay) = start_relay(&setup, stuck);
+    eventually(
+        "the relay to stop at the refused event",
+        Duration::from_secs(20),
+        || async { (stream_count(&setup.js).await == 500).then_some(()) },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        stream_count(&setup.js).await,
+        500,
+        "nothing past the refused event"
+    );
+    shutdown.cancel();
+    relay.await?;
+
+    let (shutdown, relay) = start_relay(&setup, Everything::default());
+    eventually("all 1000 events", Duration::from_secs(30), || async {
+        (stream_count(&setup.js).await >= 1000).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let published = published(&setup.js).await?;
+    assert_eq!(published.len(), 1000);
+    assert_eq!(
+        published.into_iter().collect::<HashSet<_>>(),
+        all_event_ids(&setup.pool).await?
+    );
+    shutdown.cancel();
+    relay.await?;
+    Ok(())
+}
