@@ -119,7 +119,6 @@ async fn an_order_flows_from_sign_up_to_notification() -> anyhow::Result<()> {
         .into_inner();
     assert_eq!(second.notifications[0].event_type, "user.created");
     assert!(second.next_page_token.is_empty());
-    let _ = drop(notifications);
     stack.stop().await;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! One tracing setup for every service: `RUST_LOG` filtering (default
 //! `info`), JSON lines when `APP_LOG_FORMAT=json` (production), compact
-//! human-readable lines otherwise (the local stack).
+//! human-readable lines otherwise (the local stack). Logs go to stderr:
+//! stdout belongs to the program (shopctl prints its story there).
 
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
@@ -15,15 +16,19 @@ pub fn init(service: &str) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_current_span(true),
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
             )
             .try_init()
     } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .compact()
-                    .with_target(false),
+                    .with_target(false)
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
             )
             .try_init()
     };

@@ -213,7 +213,7 @@ impl OrderService for OrderApi {
             Err(AppendError::Database(e)) => return Err(status::from_sqlx(&e)),
             Err(e @ AppendError::Encode(_)) => return Err(status::internal(&e)),
         };
-        tracing::info!(order_id = ?order.id, position, "order created");
+        tracing::info!(position, "order created");
         Ok(Response::new(pb::CreateOrderResponse {
             order: Some(to_proto(&order, times)),
             position,

@@ -1,0 +1,318 @@
+//! Private infrastructure servers for the local stack: a Postgres cluster and
+//! a nats-server with JetStream, from the binaries on the machine, with their
+//! data under the stack's data directory.
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use std::os::unix::process::CommandExt as _;
+
+use anyhow::{Context as _, bail};
+use sqlx::{Connection as _, PgConnection};
+
+/// A child process we started and must stop.
+#[derive(Debug)]
+pub(crate) struct Managed {
+    pub(crate) name: &'static str,
+    pub(crate) child: Child,
+    /// Signal that asks it to stop quickly but cleanly.
+    pub(crate) stop_signal: &'static str,
+    /// A file whose first line is the pid to signal, when the child is a
+    /// wrapper (`runuser`) that does not forward signals.
+    pub(crate) pid_file: Option<PathBuf>,
+}
+
+impl Managed {
+    /// Sends the stop signal and waits up to `grace`, then kills.
+    pub(crate) async fn stop(mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let pid = self
+            .pid_file
+            .as_ref()
+            .and_then(|f| fs::read_to_string(f).ok())
+            .and_then(|s| s.lines().next().map(|l| l.trim().to_owned()))
+            .unwrap_or_else(|| self.child.id().to_string());
+        let _ = Command::new("kill")
+            .args(["-s", self.stop_signal, &pid])
+            .status();
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                tracing::info!(process = self.name, "stopped");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::warn!(process = self.name, "did not stop in time; killing");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that is free now.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+async fn wait_for_port(
+    process: &mut Managed,
+    port: u16,
+    log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let what = process.name;
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if let Ok(Some(status)) = process.child.try_wait() {
+            bail!(
+                "{what} exited at start-up ({status}); see {}",
+                log.display()
+            );
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{what} did not listen on port {port} within {timeout:?}; see {}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn log_file(path: &Path) -> anyhow::Result<Stdio> {
+    Ok(Stdio::from(
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?,
+    ))
+}
+
+/// Finds a binary: an explicit path from `env`, then `PATH`, then `extra` dirs.
+fn find_binary(name: &str, env: &str, extra: &[PathBuf]) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
+        return Some(PathBuf::from(path));
+    }
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    path_dirs
+        .iter()
+        .chain(extra)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Starts `nats-server -js` on a free port with its store in `dir`.
+pub(crate) async fn start_nats(dir: &Path) -> anyhow::Result<(Managed, String)> {
+    let binary = find_binary("nats-server", "NATS_SERVER_BIN", &[PathBuf::from("/usr/sbin")]).ok_or_else(|| {
+        anyhow::anyhow!(
+            "nats-server is not installed. Install it with:\n    sudo apt-get install -y nats-server\n\
+             or point NATS_SERVER_BIN at a nats-server binary, or pass --nats-url to use a running server."
+        )
+    })?;
+    let store = dir.join("nats");
+    fs::create_dir_all(&store)?;
+    let port = free_port()?;
+    let child = Command::new(&binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(&store)
+        .stdout(log_file(&dir.join("nats.log"))?)
+        .stderr(log_file(&dir.join("nats.log"))?)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let mut managed = Managed {
+        name: "nats-server",
+        child,
+        stop_signal: "TERM",
+        pid_file: None,
+    };
+    wait_for_port(
+        &mut managed,
+        port,
+        &dir.join("nats.log"),
+        Duration::from_secs(15),
+    )
+    .await?;
+    Ok((managed, format!("nats://127.0.0.1:{port}")))
+}
+
+fn postgres_bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(initdb) = find_binary("initdb", "PG_INITDB", &[]) {
+        return initdb.parent().map(Path::to_path_buf);
+    }
+    // Debian keeps server binaries out of PATH, one directory per major version.
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").is_file() && bin.join("postgres").is_file())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions.pop()
+}
+
+/// A command that runs as the `postgres` OS user when we are root (Postgres
+/// refuses to run as root).
+fn pg_command(binary: &Path) -> Command {
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(binary);
+        command
+    } else {
+        Command::new(binary)
+    }
+}
+
+/// Starts a private Postgres on a free port (initdb on first use) and
+/// returns its admin URL.
+pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, String)> {
+    let bin = postgres_bin_dir().ok_or_else(|| {
+        anyhow::anyhow!(
+            "PostgreSQL server binaries (initdb, postgres) are not installed. Install them with:\n    \
+             sudo apt-get install -y postgresql\n\
+             or set PG_BIN to their directory, or pass --database-url to use a running server."
+        )
+    })?;
+    let data = dir.join("postgres");
+    if !data.join("PG_VERSION").is_file() {
+        fs::create_dir_all(&data)?;
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&data)
+                .status()?;
+            if !status.success() {
+                bail!("cannot hand {} to the postgres user", data.display());
+            }
+        }
+        tracing::info!(dir = %data.display(), "initialising a local Postgres cluster");
+        let output = pg_command(&bin.join("initdb"))
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+                "-D",
+            ])
+            .arg(&data)
+            .output()
+            .context("running initdb")?;
+        if !output.status.success() {
+            bail!(
+                "initdb failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    let port = free_port()?;
+    let log = dir.join("postgres.log");
+    fs::File::create(&log)?;
+    if is_root() {
+        let _ = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&log)
+            .status();
+    }
+    let child = pg_command(&bin.join("postgres"))
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+        ])
+        .stdout(log_file(&log)?)
+        .stderr(log_file(&log)?)
+        .process_group(0)
+        .spawn()
+        .context("starting postgres")?;
+    // SIGINT is Postgres's fast shutdown: clean, without waiting for clients.
+    // The postmaster's pid comes from its pid file (runuser may sit between).
+    let mut managed = Managed {
+        name: "postgres",
+        child,
+        stop_signal: "INT",
+        pid_file: Some(data.join("postmaster.pid")),
+    };
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    wait_for_port(&mut managed, port, &log, Duration::from_secs(30)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Err(error) = PgConnection::connect(&url).await {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "postgres did not accept connections: {error} (see {})",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((managed, url))
+}
+
+/// Creates each database on the server behind `admin_url` unless it exists;
+/// returns one URL per database.
+pub(crate) async fn ensure_databases(
+    admin_url: &str,
+    names: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .with_context(|| format!("connecting to {admin_url}"))?;
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("database URL must end in /<database>: {admin_url}"))?;
+    let mut urls = Vec::with_capacity(names.len());
+    for name in names {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(name)
+                .fetch_one(&mut conn)
+                .await?;
+        if !exists {
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                .execute(&mut conn)
+                .await?;
+        }
+        urls.push(format!("{base}/{name}"));
+    }
+    Ok(urls)
+}
