@@ -1,7 +1,9 @@
 //! Black-box tests of order-service's gRPC API (authenticated through a real
 //! user-service).
 
-use contracts::order::v1::{CreateOrderRequest, GetOrderRequest, OrderItem, OrderStatus};
+use contracts::order::v1::{
+    CreateOrderRequest, GetOrderRequest, OrderItem, OrderStatus, ShippingAddress,
+};
 use testkit::{TestStack, bearer};
 use tonic::Code;
 
@@ -15,11 +17,23 @@ pub(crate) fn item(sku: &str, quantity: i32, unit_price_minor: i64) -> OrderItem
     }
 }
 
+pub(crate) fn address() -> ShippingAddress {
+    ShippingAddress {
+        name: "Ada Lovelace".to_owned(),
+        line1: "12 St James's Square".to_owned(),
+        line2: String::new(),
+        city: "London".to_owned(),
+        postal_code: "SW1Y 4JH".to_owned(),
+        country: "GB".to_owned(),
+    }
+}
+
 pub(crate) fn order(items: Vec<OrderItem>) -> CreateOrderRequest {
     CreateOrderRequest {
         items,
         currency: "EUR".to_owned(),
         idempotency_key: String::new(),
+        shipping_address: Some(address()),
     }
 }
 
@@ -46,6 +60,7 @@ async fn order_calls_without_a_valid_token_are_unauthenticated() -> anyhow::Resu
                 "a.b.c",
                 GetOrderRequest {
                     order_id: uuid::Uuid::new_v4().to_string(),
+                    min_position: 0,
                 },
             ))
             .await,
@@ -98,6 +113,7 @@ async fn invalid_orders_are_rejected_with_every_bad_field_named() -> anyhow::Res
                 &token,
                 GetOrderRequest {
                     order_id: "nope".to_owned(),
+                    min_position: 0,
                 },
             ))
             .await,
@@ -138,6 +154,7 @@ async fn an_order_is_created_read_back_and_private_to_its_owner() -> anyhow::Res
             &token,
             GetOrderRequest {
                 order_id: placed.id.clone(),
+                min_position: created.position,
             },
         ))
         .await?
@@ -153,6 +170,7 @@ async fn an_order_is_created_read_back_and_private_to_its_owner() -> anyhow::Res
                 &stranger,
                 GetOrderRequest {
                     order_id: placed.id.clone(),
+                    min_position: created.position,
                 },
             ))
             .await,

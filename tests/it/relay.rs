@@ -85,9 +85,11 @@ fn start_relay(
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let shutdown = CancellationToken::new();
     let config = RelayConfig {
-        poll_interval: Duration::from_millis(100),
-        retry_delay: Duration::from_millis(100),
-        batch_size: 50,
+        tail: es_postgres::tail::TailConfig {
+            poll_interval: Duration::from_millis(100),
+            retry_delay: Duration::from_millis(100),
+            batch_size: 50,
+        },
         ..RelayConfig::new("gap-test")
     };
     let relay = Relay::new(setup.db.url.clone(), setup.js.clone(), mapper, config);
@@ -160,6 +162,7 @@ async fn a_transaction_that_commits_late_is_never_skipped() -> anyhow::Result<()
         std::slice::from_ref(&late_event),
         &context,
         None,
+        None,
     )
     .await?;
 
@@ -174,6 +177,7 @@ async fn a_transaction_that_commits_late_is_never_skipped() -> anyhow::Result<()
                         version,
                         &[new_event()],
                         &context,
+                        None,
                         None,
                     )
                     .await
@@ -235,7 +239,7 @@ async fn a_relay_stopped_mid_stream_resumes_without_loss_or_duplicates() -> anyh
     for stream in 0..40 {
         let events: Vec<_> = (0..25).map(|_| new_event()).collect();
         store
-            .append(&format!("s-{stream}"), 0, &events, &context, None)
+            .append(&format!("s-{stream}"), 0, &events, &context, None, None)
             .await?;
     }
     let stuck = Everything::default();

@@ -6,11 +6,15 @@
 //! into an integration message is the caller's [`relay::IntegrationMapper`].
 
 pub mod integration;
+pub mod projection;
 pub mod relay;
 pub mod store;
+pub mod tail;
 
 pub use relay::{IntegrationMapper, Relay, RelayConfig};
-pub use store::{AppendError, Appended, EventStore, NewEvent, StoreError};
+pub use store::{
+    AppendError, Appended, CommandLoad, EventStore, NewEvent, Snapshot, SnapshotWrite, StoreError,
+};
 
 /// The current time at the precision Postgres stores (microseconds), so a
 /// value returned before a write equals the value read back after it.

@@ -84,11 +84,49 @@ WITH ins AS (
 ), key AS (
     INSERT INTO idempotency_keys (key, stream_id, version, position)
     SELECT $12, $1, version, position FROM total WHERE $12::text IS NOT NULL
+), snap AS (
+    INSERT INTO snapshots (stream_id, version, snapshot_version, state, first_at, last_at)
+    SELECT $1, version, $14, $13::jsonb, $15, $16 FROM total WHERE $13::text IS NOT NULL
+    ON CONFLICT (stream_id) DO UPDATE
+       SET version = EXCLUDED.version, snapshot_version = EXCLUDED.snapshot_version,
+           state = EXCLUDED.state, first_at = EXCLUDED.first_at, last_at = EXCLUDED.last_at
+     WHERE snapshots.version < EXCLUDED.version
 )
 SELECT version, position FROM total";
 
+/// State to store beside an append: the aggregate after the new events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotWrite {
+    pub snapshot_version: i32,
+    pub state: serde_json::Value,
+    /// When the stream's first and last events happened.
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+}
+
+/// A stored snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub version: i64,
+    pub state: serde_json::Value,
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+}
+
+/// What a command needs before deciding, read in one round trip.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CommandLoad {
+    /// Latest snapshot of the expected shape, if any.
+    pub snapshot: Option<Snapshot>,
+    /// Events after the snapshot (or all), in version order.
+    pub events: Vec<RecordedEvent>,
+    /// What the idempotency key wrote before, if it was used: (stream, result).
+    pub key: Option<(String, Appended)>,
+}
+
 /// Appends `events` to `stream_id`, which must be at `expected_version`
-/// (0 for a new stream), recording `idempotency_key` in the same statement.
+/// (0 for a new stream), recording `idempotency_key` and `snapshot` in the
+/// same statement.
 ///
 /// # Errors
 ///
@@ -101,6 +139,7 @@ pub async fn append<'e>(
     events: &[NewEvent],
     context: &EventContext,
     idempotency_key: Option<&str>,
+    snapshot: Option<&SnapshotWrite>,
 ) -> Result<Appended, AppendError> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
@@ -123,6 +162,10 @@ pub async fn append<'e>(
         .bind(&context.actor)
         .bind(context.traceparent.as_deref())
         .bind(idempotency_key)
+        .bind(snapshot.map(|s| s.state.to_string()))
+        .bind(snapshot.map(|s| s.snapshot_version))
+        .bind(snapshot.map(|s| s.first_at))
+        .bind(snapshot.map(|s| s.last_at))
         .fetch_one(executor)
         .await
         .map_err(|e| classify(e, stream_id, expected_version))?;
@@ -182,6 +225,7 @@ impl EventStore {
         events: &[NewEvent],
         context: &EventContext,
         idempotency_key: Option<&str>,
+        snapshot: Option<&SnapshotWrite>,
     ) -> Result<Appended, AppendError> {
         append(
             &self.pool,
@@ -190,8 +234,94 @@ impl EventStore {
             events,
             context,
             idempotency_key,
+            snapshot,
         )
         .await
+    }
+
+    /// Loads what a command on `stream_id` needs in one round trip: the
+    /// latest snapshot of `snapshot_version`, the events after it, and what
+    /// `idempotency_key` wrote if it was used before.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn load_for_command(
+        &self,
+        stream_id: &str,
+        idempotency_key: Option<&str>,
+        snapshot_version: i32,
+    ) -> Result<CommandLoad, StoreError> {
+        let sql = format!(
+            "SELECT s.version AS snap_version, s.state AS snap_state, s.first_at AS snap_first_at, \
+                    s.last_at AS snap_last_at, k.stream_id AS key_stream, k.version AS key_version, \
+                    k.position AS key_position, e.* \
+             FROM (SELECT 1) one \
+             LEFT JOIN snapshots s ON s.stream_id = $1 AND s.snapshot_version = $3 \
+             LEFT JOIN idempotency_keys k ON k.key = $2 \
+             LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM events \
+                                WHERE stream_id = $1 AND version > COALESCE(s.version, 0) \
+                                ORDER BY version) e ON true"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream_id)
+            .bind(idempotency_key)
+            .bind(snapshot_version)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut load = CommandLoad::default();
+        let Some(first) = rows.first() else {
+            return Ok(load);
+        };
+        if let Some(version) = first.try_get::<Option<i64>, _>("snap_version")? {
+            load.snapshot = Some(Snapshot {
+                version,
+                state: first.try_get("snap_state")?,
+                first_at: first.try_get("snap_first_at")?,
+                last_at: first.try_get("snap_last_at")?,
+            });
+        }
+        if let Some(stream) = first.try_get::<Option<String>, _>("key_stream")? {
+            load.key = Some((
+                stream,
+                Appended {
+                    version: first.try_get("key_version")?,
+                    position: first.try_get("key_position")?,
+                },
+            ));
+        }
+        for row in &rows {
+            if row.try_get::<Option<i64>, _>("position")?.is_some() {
+                load.events.push(recorded_event(row)?);
+            }
+        }
+        Ok(load)
+    }
+
+    /// The first `max_version` events of a stream (all if `None`), or those
+    /// that happened at or before `until`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn load_until(
+        &self,
+        stream_id: &str,
+        max_version: Option<i64>,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 \
+             AND ($2::bigint IS NULL OR version <= $2) \
+             AND ($3::timestamptz IS NULL OR occurred_at <= $3) ORDER BY version"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream_id)
+            .bind(max_version)
+            .bind(until)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(recorded_event).collect::<Result<_, _>>()?)
     }
 
     /// Every event of a stream, in version order. Empty if it does not exist.
@@ -200,13 +330,7 @@ impl EventStore {
     ///
     /// Fails when Postgres is unreachable.
     pub async fn load(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, StoreError> {
-        let sql =
-            format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(stream_id)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(recorded_event).collect::<Result<_, _>>()?)
+        self.load_until(stream_id, None, None).await
     }
 
     /// The stream an idempotency key wrote to, and what it wrote.

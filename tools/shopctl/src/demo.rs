@@ -11,7 +11,8 @@ use contracts::{
         ListNotificationsRequest, notification_service_client::NotificationServiceClient,
     },
     order::v1::{
-        CreateOrderRequest, GetOrderRequest, OrderItem, order_service_client::OrderServiceClient,
+        CreateOrderRequest, GetOrderRequest, OrderItem, ShippingAddress,
+        order_service_client::OrderServiceClient,
     },
     user::v1::{AuthenticateRequest, CreateUserRequest, user_service_client::UserServiceClient},
 };
@@ -116,6 +117,14 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         items,
         currency: "EUR".to_owned(),
         idempotency_key: uuid::Uuid::new_v4().to_string(),
+        shipping_address: Some(ShippingAddress {
+            name: "Ada Lovelace".to_owned(),
+            line1: "12 St James's Square".to_owned(),
+            line2: String::new(),
+            city: "London".to_owned(),
+            postal_code: "SW1Y 4JH".to_owned(),
+            country: "GB".to_owned(),
+        }),
     });
     request.metadata_mut().insert(
         "authorization",
@@ -140,6 +149,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut request = tonic::Request::new(GetOrderRequest {
         order_id: order.id.clone(),
+        min_position: created.position,
     });
     request.metadata_mut().insert(
         "authorization",
@@ -153,7 +163,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         .order
         .context("no order")?;
     println!(
-        "4. Read it back: status {:?}, version {}, {} lines ({})",
+        "4. Read it back from the read model (read-your-writes): status {:?}, version {}, {} lines ({})",
         read.status(),
         read.version,
         read.items.len(),

@@ -199,3 +199,154 @@ impl std::fmt::Display for Currency {
         f.write_str(&self.0)
     }
 }
+
+/// Why a free-text field was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TextError {
+    #[error("is required")]
+    Empty,
+    #[error("must be at most {0} characters")]
+    TooLong(usize),
+    #[error("must not contain control characters")]
+    Control,
+    #[error("must be a two-letter ISO 3166-1 country code")]
+    NotCountryCode,
+}
+
+fn text(raw: &str, max: usize) -> Result<String, TextError> {
+    let value = raw.trim();
+    if value.is_empty() {
+        Err(TextError::Empty)
+    } else if value.chars().count() > max {
+        Err(TextError::TooLong(max))
+    } else if value.chars().any(char::is_control) {
+        Err(TextError::Control)
+    } else {
+        Ok(value.to_owned())
+    }
+}
+
+macro_rules! text_type {
+    ($(#[$doc:meta])* $name:ident, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Most characters allowed.
+            pub const MAX: usize = $max;
+
+            /// Trims and checks the value.
+            ///
+            /// # Errors
+            ///
+            /// See [`TextError`].
+            pub fn parse(raw: &str) -> Result<Self, TextError> {
+                text(raw, Self::MAX).map(Self)
+            }
+
+            #[must_use]
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = TextError;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::parse(&value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> Self {
+                value.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+text_type!(
+    /// The payment provider's reference for a payment.
+    PaymentReference,
+    128
+);
+text_type!(
+    /// Who carries a shipment, e.g. `DHL`.
+    Carrier,
+    64
+);
+text_type!(
+    /// The carrier's tracking number.
+    TrackingNumber,
+    64
+);
+text_type!(
+    /// Why an order was cancelled.
+    CancelReason,
+    500
+);
+text_type!(
+    /// One line of a postal address, or a name, city, postal code.
+    AddressLine,
+    200
+);
+
+/// Where an order ships to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ShippingAddress {
+    pub name: AddressLine,
+    pub line1: AddressLine,
+    /// Second address line, if any.
+    pub line2: Option<AddressLine>,
+    pub city: AddressLine,
+    pub postal_code: AddressLine,
+    /// ISO 3166-1 alpha-2 country code, upper-case.
+    pub country: CountryCode,
+}
+
+/// An ISO 3166-1 alpha-2 country code, stored upper-case.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CountryCode(String);
+
+impl CountryCode {
+    /// # Errors
+    ///
+    /// [`TextError::Empty`], or [`TextError::NotCountryCode`] for anything but two letters.
+    pub fn parse(raw: &str) -> Result<Self, TextError> {
+        let code = raw.trim();
+        if code.is_empty() {
+            return Err(TextError::Empty);
+        }
+        if code.len() != 2 || !code.chars().all(|c| c.is_ascii_alphabetic()) {
+            return Err(TextError::NotCountryCode);
+        }
+        Ok(Self(code.to_ascii_uppercase()))
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for CountryCode {
+    type Error = TextError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<CountryCode> for String {
+    fn from(value: CountryCode) -> Self {
+        value.0
+    }
+}

@@ -3,13 +3,23 @@
 use std::{net::SocketAddr, time::Duration};
 
 use contracts::order::v1::order_service_server::OrderServiceServer;
-use es_postgres::{EventStore, Relay, RelayConfig};
+use std::sync::Arc;
+
+use es_postgres::{EventStore, Relay, RelayConfig, projection, tail::TailConfig};
 use platform::StartError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService as _;
 
-use crate::{Settings, auth::Authenticator, grpc::OrderApi, integration::OrderEvents};
+use crate::{
+    Settings,
+    auth::Authenticator,
+    commands::OrderCommands,
+    grpc::OrderApi,
+    integration::OrderEvents,
+    projections::{OrderSummary, OrdersByUser},
+    queries::ReadModels,
+};
 
 /// A built, not yet running order-service: its port is bound, its database
 /// migrated and its stream declared.
@@ -18,7 +28,9 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     api: OrderApi,
-    relay: Relay,
+    relay: Relay<OrderEvents>,
+    pool: sqlx::PgPool,
+    database_url: String,
 }
 
 impl Application {
@@ -50,13 +62,20 @@ impl Application {
             &settings.user_service_url,
             Duration::from_millis(settings.user_service_timeout_ms),
         )?;
-        let api = OrderApi::new(EventStore::new(pool), auth);
+        let commands = OrderCommands::new(EventStore::new(pool.clone()), settings.snapshot_every);
+        let reads = ReadModels::new(
+            pool.clone(),
+            Duration::from_millis(settings.read_your_writes_timeout_ms),
+        );
+        let api = OrderApi::new(commands, reads, auth);
         let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
         Ok(Self {
             listener,
             addr,
             api,
             relay,
+            pool,
+            database_url: settings.database_url,
         })
     }
 
@@ -66,7 +85,8 @@ impl Application {
         self.addr
     }
 
-    /// Serves gRPC and runs the outbox relay until `shutdown` fires.
+    /// Serves gRPC and runs the outbox relay and the projections until
+    /// `shutdown` fires.
     ///
     /// # Errors
     ///
@@ -74,6 +94,26 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
         tracing::info!(addr = %self.addr, "order-service serving");
         let relay = tokio::spawn(self.relay.run(shutdown.clone()));
+        let projection_config = TailConfig {
+            poll_interval: Duration::from_millis(250),
+            ..TailConfig::default()
+        };
+        let projections = [
+            tokio::spawn(projection::run(
+                self.pool.clone(),
+                self.database_url.clone(),
+                Arc::new(OrderSummary),
+                projection_config.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(projection::run(
+                self.pool.clone(),
+                self.database_url.clone(),
+                Arc::new(OrdersByUser),
+                projection_config,
+                shutdown.clone(),
+            )),
+        ];
         let result = platform::grpc::serve(
             tonic::service::Routes::new(OrderServiceServer::new(self.api)),
             OrderServiceServer::<OrderApi>::NAME,
@@ -84,6 +124,11 @@ impl Application {
         shutdown.cancel();
         if let Err(error) = relay.await {
             tracing::error!(%error, "outbox relay task failed");
+        }
+        for task in projections {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "projection task failed");
+            }
         }
         result
     }

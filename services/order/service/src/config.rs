@@ -17,6 +17,10 @@ pub struct Settings {
     pub user_service_url: String,
     /// Deadline of each call to user-service.
     pub user_service_timeout_ms: u64,
+    /// `APP_SNAPSHOT_EVERY`: store an aggregate snapshot every N events.
+    pub snapshot_every: i64,
+    /// Longest a query waits for its `min_position` (read-your-writes).
+    pub read_your_writes_timeout_ms: u64,
     /// How long start-up waits for Postgres and NATS.
     pub startup_wait_secs: u64,
 }
@@ -31,6 +35,8 @@ impl Default for Settings {
             streams: StreamLimits::default(),
             user_service_url: "http://127.0.0.1:50051".to_owned(),
             user_service_timeout_ms: 2000,
+            snapshot_every: 50,
+            read_your_writes_timeout_ms: 3000,
             startup_wait_secs: 30,
         }
     }

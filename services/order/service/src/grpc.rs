@@ -1,56 +1,151 @@
 //! The `shop.order.v1.OrderService` API: authenticate, parse proto into
-//! domain values (collecting every bad field), decide with the aggregate,
-//! append; one mapping from errors to `Status`.
+//! domain values (collecting every bad field), run commands or read models,
+//! and the one mapping from errors to `Status`.
 
-use chrono::Utc;
 use contracts::order::v1::{self as pb, order_service_server::OrderService};
-use es::{Aggregate as _, EventContext, RecordedEvent};
-use es_postgres::{AppendError, EventStore, NewEvent};
+use es::EventContext;
 use order_domain::{
-    Currency, Order, OrderCommand, OrderError, OrderEvent, OrderLine, OrderStatus, Quantity, Sku,
+    AddressLine, CancelReason, Carrier, CountryCode, Currency, Order, OrderCommand, OrderError,
+    OrderLine, OrderStatus, PaymentReference, Quantity, ShippingAddress, Sku, TrackingNumber,
     UnitPrice,
 };
 use platform::status::{self, FieldViolations};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
-use crate::auth::Authenticator;
+use crate::{
+    auth::{Authenticator, Caller},
+    commands::{CommandError, OrderCommands, Outcome, Times},
+    history::{self, At, HistoryError},
+    projections::{ORDER_SUMMARY, ORDERS_BY_USER},
+    queries::{self, QueryError, ReadModels},
+};
 
 /// Handlers of `OrderService`.
 #[derive(Debug, Clone)]
 pub struct OrderApi {
-    store: EventStore,
+    commands: OrderCommands,
+    reads: ReadModels,
     auth: Authenticator,
 }
 
 impl OrderApi {
     #[must_use]
-    pub fn new(store: EventStore, auth: Authenticator) -> Self {
-        Self { store, auth }
+    pub fn new(commands: OrderCommands, reads: ReadModels, auth: Authenticator) -> Self {
+        Self {
+            commands,
+            reads,
+            auth,
+        }
     }
 
-    /// Loads and folds an order's stream; `None` if it does not exist.
-    async fn load(&self, order_id: Uuid) -> Result<Option<(Order, Times)>, Status> {
-        let stream = es::stream_id::<Order>(order_id);
-        let recorded = self
-            .store
-            .load(&stream)
+    /// Runs a command on an existing order and answers with its outcome.
+    async fn run(
+        &self,
+        metadata: &MetadataMap,
+        caller: Caller,
+        order_id: Uuid,
+        command: OrderCommand,
+        expected_version: i64,
+        idempotency_key: &str,
+    ) -> Result<(pb::Order, i64), Status> {
+        let context = context(metadata, caller);
+        let key = scoped_key(caller, idempotency_key);
+        let expected = (expected_version > 0).then_some(expected_version);
+        let outcome = self
+            .commands
+            .execute(
+                order_id,
+                caller.user_id,
+                command,
+                expected,
+                &context,
+                key.as_deref(),
+            )
             .await
-            .map_err(|e| status::unavailable("database", &e))?;
-        if recorded.is_empty() {
-            return Ok(None);
-        }
-        let events = recorded
-            .iter()
-            .map(RecordedEvent::decode::<OrderEvent>)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| status::internal(&e))?;
-        Ok(times(&recorded).map(|t| (Order::replay(&events), t)))
+            .map_err(|e| command_error(&e))?;
+        Ok(answer(&outcome))
     }
 }
 
-/// Parses the request into domain values, naming every bad field.
-fn parse_create(request: &pb::CreateOrderRequest) -> Result<(Currency, Vec<OrderLine>), Status> {
+const MAX_PAGE_SIZE: i32 = 100;
+const MAX_KEY_LEN: usize = 128;
+
+fn context(metadata: &MetadataMap, caller: Caller) -> EventContext {
+    let correlation_id = platform::grpc::correlation_id(metadata);
+    EventContext {
+        correlation_id,
+        causation_id: Uuid::now_v7(),
+        actor: caller.user_id.to_string(),
+        traceparent: None,
+    }
+}
+
+/// Keys are per user: one user's key never collides with another's.
+fn scoped_key(caller: Caller, key: &str) -> Option<String> {
+    (!key.is_empty()).then(|| format!("{}:{key}", caller.user_id))
+}
+
+fn check_key(violations: &mut FieldViolations, key: &str) {
+    if key.len() > MAX_KEY_LEN {
+        violations.add(
+            "idempotency_key",
+            format!("must be at most {MAX_KEY_LEN} characters"),
+        );
+    }
+}
+
+fn check_expected_version(violations: &mut FieldViolations, version: i64) {
+    if version < 0 {
+        violations.add("expected_version", "must not be negative (0 means any)");
+    }
+}
+
+fn parse_order_id(violations: &mut FieldViolations, raw: &str) -> Option<Uuid> {
+    violations.check(
+        "order_id",
+        Uuid::parse_str(raw.trim()).map_err(|_| "must be a UUID"),
+    )
+}
+
+fn parse_address(
+    violations: &mut FieldViolations,
+    address: Option<&pb::ShippingAddress>,
+) -> Option<ShippingAddress> {
+    let Some(address) = address else {
+        violations.add("shipping_address", "is required");
+        return None;
+    };
+    let name = violations.check("shipping_address.name", AddressLine::parse(&address.name));
+    let line1 = violations.check("shipping_address.line1", AddressLine::parse(&address.line1));
+    let line2 = if address.line2.trim().is_empty() {
+        Some(None)
+    } else {
+        violations
+            .check("shipping_address.line2", AddressLine::parse(&address.line2))
+            .map(Some)
+    };
+    let city = violations.check("shipping_address.city", AddressLine::parse(&address.city));
+    let postal_code = violations.check(
+        "shipping_address.postal_code",
+        AddressLine::parse(&address.postal_code),
+    );
+    let country = violations.check(
+        "shipping_address.country",
+        CountryCode::parse(&address.country),
+    );
+    Some(ShippingAddress {
+        name: name?,
+        line1: line1?,
+        line2: line2?,
+        city: city?,
+        postal_code: postal_code?,
+        country: country?,
+    })
+}
+
+/// Parses a create request into a command, naming every bad field.
+fn parse_create(request: &pb::CreateOrderRequest, caller: Caller) -> Result<OrderCommand, Status> {
     let mut violations = FieldViolations::new();
     let currency = violations.check("currency", Currency::parse(&request.currency));
     if request.items.is_empty() {
@@ -81,55 +176,74 @@ fn parse_create(request: &pb::CreateOrderRequest) -> Result<(Currency, Vec<Order
             });
         }
     }
-    if request.idempotency_key.len() > 128 {
-        violations.add("idempotency_key", "must be at most 128 characters");
-    }
-    match currency {
-        Some(currency) if violations.is_empty() => Ok((currency, lines)),
+    let shipping_address = parse_address(&mut violations, request.shipping_address.as_ref());
+    check_key(&mut violations, &request.idempotency_key);
+    match (currency, shipping_address) {
+        (Some(currency), Some(shipping_address)) if violations.is_empty() => {
+            Ok(OrderCommand::Create {
+                order_id: Uuid::now_v7(),
+                user_id: caller.user_id,
+                currency,
+                lines,
+                shipping_address,
+            })
+        }
         _ => Err(violations.into_status()),
     }
 }
 
-fn domain_error(error: &OrderError) -> Status {
+fn command_error(error: &CommandError) -> Status {
     match error {
-        OrderError::AlreadyExists { .. } => Status::already_exists(error.to_string()),
-        OrderError::NoLines | OrderError::TooManyLines => status::invalid_argument("items", error),
-        OrderError::TotalOverflow => status::invalid_argument("items", error),
+        CommandError::Rejected(rejected) => match rejected {
+            OrderError::AlreadyExists { .. } => Status::already_exists(rejected.to_string()),
+            OrderError::NotFound => Status::not_found(rejected.to_string()),
+            OrderError::NoLines | OrderError::TooManyLines | OrderError::TotalOverflow => {
+                status::invalid_argument("items", rejected)
+            }
+            OrderError::AmountMismatch { .. } => status::invalid_argument("amount_minor", rejected),
+            OrderError::InvalidTransition { .. } | OrderError::NoShippingAddress { .. } => {
+                Status::failed_precondition(rejected.to_string())
+            }
+        },
+        CommandError::NotFound(_) => Status::not_found(error.to_string()),
+        CommandError::WrongVersion { .. } | CommandError::Conflict(_) => {
+            Status::aborted(error.to_string())
+        }
+        CommandError::KeyReused => {
+            status::invalid_argument("idempotency_key", "was already used for another order")
+        }
+        CommandError::Decode(e) => status::internal(e),
+        CommandError::Store(e) => status::unavailable("database", e),
+        CommandError::Append(es_postgres::AppendError::Database(e)) => status::from_sqlx(e),
+        CommandError::Append(e) => status::internal(e),
     }
 }
 
-fn status_to_proto(status: Option<OrderStatus>) -> pb::OrderStatus {
-    match status {
-        None => pb::OrderStatus::Unspecified,
-        Some(OrderStatus::Created) => pb::OrderStatus::Created,
-        Some(OrderStatus::Paid) => pb::OrderStatus::Paid,
-        Some(OrderStatus::Shipped) => pb::OrderStatus::Shipped,
-        Some(OrderStatus::Delivered) => pb::OrderStatus::Delivered,
-        Some(OrderStatus::Cancelled) => pb::OrderStatus::Cancelled,
+fn query_error(error: &QueryError) -> Status {
+    match error {
+        QueryError::NotCaughtUp(_) => Status::unavailable(error.to_string()),
+        QueryError::UnknownPosition(_) => status::invalid_argument("min_position", error),
+        QueryError::Database(e) => status::from_sqlx(e),
+        QueryError::Corrupt(e) => status::internal(e),
     }
 }
 
-/// When the order was created and last changed.
-type Times = (chrono::DateTime<Utc>, chrono::DateTime<Utc>);
-
-fn times(recorded: &[RecordedEvent]) -> Option<Times> {
-    Some((recorded.first()?.occurred_at, recorded.last()?.occurred_at))
+fn history_error(error: &HistoryError) -> Status {
+    match error {
+        HistoryError::Store(e) => status::unavailable("database", e),
+        HistoryError::Decode(e) => status::internal(e),
+    }
 }
 
-fn to_proto(order: &Order, (created_at, updated_at): Times) -> pb::Order {
+/// The API view of an aggregate state.
+#[must_use]
+pub fn order_to_proto(order: &Order, (created_at, updated_at): Times) -> pb::Order {
+    let text = |value: Option<String>| value.unwrap_or_default();
     pb::Order {
         id: order.id.map(|id| id.to_string()).unwrap_or_default(),
         user_id: order.user_id.map(|id| id.to_string()).unwrap_or_default(),
-        status: status_to_proto(order.status).into(),
-        items: order
-            .lines
-            .iter()
-            .map(|line| pb::OrderItem {
-                sku: line.sku.as_str().to_owned(),
-                quantity: i32::try_from(line.quantity.get()).unwrap_or(i32::MAX),
-                unit_price_minor: line.unit_price.minor(),
-            })
-            .collect(),
+        status: queries::status_to_proto(order.status).into(),
+        items: queries::lines_to_proto(&order.lines),
         total: order.currency.as_ref().map(|currency| pb::Money {
             currency: currency.to_string(),
             amount_minor: order.total_minor,
@@ -137,107 +251,392 @@ fn to_proto(order: &Order, (created_at, updated_at): Times) -> pb::Order {
         version: order.version,
         created_at: Some(contracts::timestamp(created_at)),
         updated_at: Some(contracts::timestamp(updated_at)),
+        shipping_address: order
+            .shipping_address
+            .as_ref()
+            .map(queries::address_to_proto),
+        payment_reference: text(order.payment_reference.as_ref().map(ToString::to_string)),
+        carrier: text(order.carrier.as_ref().map(ToString::to_string)),
+        tracking_number: text(order.tracking_number.as_ref().map(ToString::to_string)),
+        cancel_reason: text(order.cancel_reason.as_ref().map(ToString::to_string)),
     }
+}
+
+fn answer(outcome: &Outcome) -> (pb::Order, i64) {
+    (
+        order_to_proto(&outcome.order, outcome.times),
+        outcome.position,
+    )
+}
+
+fn entry_to_proto(entry: &history::Entry) -> pb::OrderEventRecord {
+    let recorded = &entry.recorded;
+    pb::OrderEventRecord {
+        event_id: recorded.event_id.to_string(),
+        version: recorded.version,
+        position: recorded.position,
+        event_type: recorded.event_type.clone(),
+        schema_version: recorded.schema_version,
+        occurred_at: Some(contracts::timestamp(recorded.occurred_at)),
+        correlation_id: recorded.context.correlation_id.to_string(),
+        causation_id: recorded.context.causation_id.to_string(),
+        actor: recorded.context.actor.clone(),
+        traceparent: recorded.context.traceparent.clone().unwrap_or_default(),
+        payload_json: serde_json::to_string(&entry.event).unwrap_or_default(),
+    }
+}
+
+/// The owner of an order, from its first event.
+fn owner(entries: &[history::Entry]) -> Option<Uuid> {
+    match entries.first().map(|e| &e.event) {
+        Some(order_domain::OrderEvent::Created { user_id, .. }) => Some(*user_id),
+        _ => None,
+    }
+}
+
+fn not_found(order_id: Uuid) -> Status {
+    Status::not_found(format!("order {order_id} not found"))
 }
 
 #[tonic::async_trait]
 impl OrderService for OrderApi {
-    #[tracing::instrument(skip_all, fields(user_id, order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(user_id), err(level = "info"))]
     async fn create_order(
         &self,
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
         let caller = self.auth.authenticate(request.metadata()).await?;
-        let correlation_id = platform::grpc::correlation_id(request.metadata());
-        let request = request.into_inner();
-        let (currency, lines) = parse_create(&request)?;
-        let order_id = Uuid::now_v7();
-        let span = tracing::Span::current();
-        span.record("user_id", tracing::field::display(caller.user_id));
-        span.record("order_id", tracing::field::display(order_id));
-
-        let events = Order::default()
-            .handle(OrderCommand::Create {
-                order_id,
-                user_id: caller.user_id,
-                currency,
-                lines,
-            })
-            .map_err(|e| domain_error(&e))?;
-        let now = es_postgres::now();
-        let new_events = events
-            .iter()
-            .map(|e| NewEvent::from_domain(e, now))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| status::internal(&e))?;
-        let context = EventContext {
-            correlation_id,
-            causation_id: Uuid::now_v7(),
-            actor: caller.user_id.to_string(),
-            traceparent: None,
-        };
-        // Keys are per user: one user's key never collides with another's.
-        let key = (!request.idempotency_key.is_empty())
-            .then(|| format!("{}:{}", caller.user_id, request.idempotency_key));
-        let stream = es::stream_id::<Order>(order_id);
-        let (order, times, position) = match self
-            .store
-            .append(&stream, 0, &new_events, &context, key.as_deref())
+        tracing::Span::current().record("user_id", tracing::field::display(caller.user_id));
+        let command = parse_create(request.get_ref(), caller)?;
+        let context = context(request.metadata(), caller);
+        let key = scoped_key(caller, &request.get_ref().idempotency_key);
+        let outcome = self
+            .commands
+            .create(command, &context, key.as_deref())
             .await
-        {
-            Ok(appended) => (Order::replay(&events), (now, now), appended.position),
-            Err(AppendError::DuplicateKey) => {
-                let key = key.as_deref().unwrap_or_default();
-                let (stream, appended) = self
-                    .store
-                    .find_idempotency_key(key)
-                    .await
-                    .map_err(|e| status::unavailable("database", &e))?
-                    .ok_or_else(|| {
-                        Status::aborted("idempotency key is being used concurrently; retry")
-                    })?;
-                let original = stream
-                    .strip_prefix("order-")
-                    .and_then(|id| Uuid::parse_str(id).ok())
-                    .ok_or_else(|| {
-                        Status::internal("idempotency key points to a foreign stream")
-                    })?;
-                tracing::info!(%original, "idempotent retry: returning the original order");
-                let (order, times) = self
-                    .load(original)
-                    .await?
-                    .ok_or_else(|| Status::internal("idempotency key points to a missing order"))?;
-                (order, times, appended.position)
-            }
-            Err(e @ AppendError::Conflict { .. }) => return Err(Status::aborted(e.to_string())),
-            Err(AppendError::Database(e)) => return Err(status::from_sqlx(&e)),
-            Err(e @ AppendError::Encode(_)) => return Err(status::internal(&e)),
-        };
-        tracing::info!(position, "order created");
+            .map_err(|e| command_error(&e))?;
+        let (order, position) = answer(&outcome);
+        tracing::info!(order_id = %order.id, position, "order created");
         Ok(Response::new(pb::CreateOrderResponse {
-            order: Some(to_proto(&order, times)),
+            order: Some(order),
             position,
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    async fn pay_order(
+        &self,
+        request: Request<pb::PayOrderRequest>,
+    ) -> Result<Response<pb::PayOrderResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let r = request.get_ref();
+        let mut violations = FieldViolations::new();
+        let order_id = parse_order_id(&mut violations, &r.order_id);
+        let reference = violations.check(
+            "payment_reference",
+            PaymentReference::parse(&r.payment_reference),
+        );
+        if r.amount_minor < 0 {
+            violations.add("amount_minor", "must not be negative");
+        }
+        check_key(&mut violations, &r.idempotency_key);
+        check_expected_version(&mut violations, r.expected_version);
+        let (Some(order_id), Some(payment_reference)) = (order_id, reference) else {
+            return Err(violations.into_status());
+        };
+        violations.into_result()?;
+        let command = OrderCommand::Pay {
+            payment_reference,
+            amount_minor: r.amount_minor,
+        };
+        let (order, position) = self
+            .run(
+                request.metadata(),
+                caller,
+                order_id,
+                command,
+                r.expected_version,
+                &r.idempotency_key,
+            )
+            .await?;
+        Ok(Response::new(pb::PayOrderResponse {
+            order: Some(order),
+            position,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    async fn ship_order(
+        &self,
+        request: Request<pb::ShipOrderRequest>,
+    ) -> Result<Response<pb::ShipOrderResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let r = request.get_ref();
+        let mut violations = FieldViolations::new();
+        let order_id = parse_order_id(&mut violations, &r.order_id);
+        let carrier = violations.check("carrier", Carrier::parse(&r.carrier));
+        let tracking_number =
+            violations.check("tracking_number", TrackingNumber::parse(&r.tracking_number));
+        check_key(&mut violations, &r.idempotency_key);
+        check_expected_version(&mut violations, r.expected_version);
+        let (Some(order_id), Some(carrier), Some(tracking_number)) =
+            (order_id, carrier, tracking_number)
+        else {
+            return Err(violations.into_status());
+        };
+        violations.into_result()?;
+        let command = OrderCommand::Ship {
+            carrier,
+            tracking_number,
+        };
+        let (order, position) = self
+            .run(
+                request.metadata(),
+                caller,
+                order_id,
+                command,
+                r.expected_version,
+                &r.idempotency_key,
+            )
+            .await?;
+        Ok(Response::new(pb::ShipOrderResponse {
+            order: Some(order),
+            position,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    async fn deliver_order(
+        &self,
+        request: Request<pb::DeliverOrderRequest>,
+    ) -> Result<Response<pb::DeliverOrderResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let r = request.get_ref();
+        let mut violations = FieldViolations::new();
+        let order_id = parse_order_id(&mut violations, &r.order_id);
+        check_key(&mut violations, &r.idempotency_key);
+        check_expected_version(&mut violations, r.expected_version);
+        let Some(order_id) = order_id else {
+            return Err(violations.into_status());
+        };
+        violations.into_result()?;
+        let (order, position) = self
+            .run(
+                request.metadata(),
+                caller,
+                order_id,
+                OrderCommand::Deliver,
+                r.expected_version,
+                &r.idempotency_key,
+            )
+            .await?;
+        Ok(Response::new(pb::DeliverOrderResponse {
+            order: Some(order),
+            position,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    async fn cancel_order(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CancelOrderResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let r = request.get_ref();
+        let mut violations = FieldViolations::new();
+        let order_id = parse_order_id(&mut violations, &r.order_id);
+        let reason = violations.check("reason", CancelReason::parse(&r.reason));
+        check_key(&mut violations, &r.idempotency_key);
+        check_expected_version(&mut violations, r.expected_version);
+        let (Some(order_id), Some(reason)) = (order_id, reason) else {
+            return Err(violations.into_status());
+        };
+        violations.into_result()?;
+        let (order, position) = self
+            .run(
+                request.metadata(),
+                caller,
+                order_id,
+                OrderCommand::Cancel { reason },
+                r.expected_version,
+                &r.idempotency_key,
+            )
+            .await?;
+        Ok(Response::new(pb::CancelOrderResponse {
+            order: Some(order),
+            position,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
     async fn get_order(
         &self,
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::GetOrderResponse>, Status> {
         let caller = self.auth.authenticate(request.metadata()).await?;
-        let raw = request.into_inner().order_id;
-        let order_id = Uuid::parse_str(raw.trim())
-            .map_err(|_| status::invalid_argument("order_id", "must be a UUID"))?;
-        tracing::Span::current().record("order_id", tracing::field::display(order_id));
-        let not_found = || Status::not_found(format!("order {order_id} not found"));
-        let (order, times) = self.load(order_id).await?.ok_or_else(not_found)?;
-        // Another user's order is reported as missing, not forbidden: ids leak nothing.
-        if order.user_id != Some(caller.user_id) {
-            return Err(not_found());
+        let r = request.get_ref();
+        let mut violations = FieldViolations::new();
+        let order_id = parse_order_id(&mut violations, &r.order_id);
+        if r.min_position < 0 {
+            violations.add("min_position", "must not be negative");
         }
-        Ok(Response::new(pb::GetOrderResponse {
-            order: Some(to_proto(&order, times)),
+        let Some(order_id) = order_id else {
+            return Err(violations.into_status());
+        };
+        violations.into_result()?;
+        if r.min_position > 0 {
+            self.reads
+                .wait_for(ORDER_SUMMARY, r.min_position)
+                .await
+                .map_err(|e| query_error(&e))?;
+        }
+        let order = self
+            .reads
+            .order(order_id)
+            .await
+            .map_err(|e| query_error(&e))?
+            // Another user's order is reported as missing, not forbidden: ids leak nothing.
+            .filter(|order| order.user_id == caller.user_id.to_string())
+            .ok_or_else(|| not_found(order_id))?;
+        Ok(Response::new(pb::GetOrderResponse { order: Some(order) }))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn list_orders(
+        &self,
+        request: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let r = request.get_ref();
+        let mut violations = FieldViolations::new();
+        let status = match pb::OrderStatus::try_from(r.status) {
+            Ok(pb::OrderStatus::Unspecified) => Some(None),
+            Ok(pb::OrderStatus::Created) => Some(Some(OrderStatus::Created)),
+            Ok(pb::OrderStatus::Paid) => Some(Some(OrderStatus::Paid)),
+            Ok(pb::OrderStatus::Shipped) => Some(Some(OrderStatus::Shipped)),
+            Ok(pb::OrderStatus::Delivered) => Some(Some(OrderStatus::Delivered)),
+            Ok(pb::OrderStatus::Cancelled) => Some(Some(OrderStatus::Cancelled)),
+            Err(_) => {
+                violations.add("status", "is not a known order status");
+                None
+            }
+        };
+        let page_size = match r.page_size {
+            0 => Some(20),
+            n @ 1..=MAX_PAGE_SIZE => Some(i64::from(n)),
+            _ => {
+                violations.add(
+                    "page_size",
+                    format!("must be between 1 and {MAX_PAGE_SIZE}"),
+                );
+                None
+            }
+        };
+        let before = if r.page_token.is_empty() {
+            Some(None)
+        } else {
+            violations.check(
+                "page_token",
+                Uuid::parse_str(&r.page_token)
+                    .map(Some)
+                    .map_err(|_| "is not a token this service issued"),
+            )
+        };
+        if r.min_position < 0 {
+            violations.add("min_position", "must not be negative");
+        }
+        let (Some(status), Some(page_size), Some(before)) = (status, page_size, before) else {
+            return Err(violations.into_status());
+        };
+        violations.into_result()?;
+        if r.min_position > 0 {
+            self.reads
+                .wait_for(ORDERS_BY_USER, r.min_position)
+                .await
+                .map_err(|e| query_error(&e))?;
+        }
+        let mut orders = self
+            .reads
+            .list(caller.user_id, status, before, page_size + 1)
+            .await
+            .map_err(|e| query_error(&e))?;
+        let limit = usize::try_from(page_size).unwrap_or(usize::MAX);
+        let more = orders.len() > limit;
+        orders.truncate(limit);
+        let next_page_token = match orders.last() {
+            Some(last) if more => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListOrdersResponse {
+            orders,
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    async fn get_order_history(
+        &self,
+        request: Request<pb::GetOrderHistoryRequest>,
+    ) -> Result<Response<pb::GetOrderHistoryResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let mut violations = FieldViolations::new();
+        let Some(order_id) = parse_order_id(&mut violations, &request.get_ref().order_id) else {
+            return Err(violations.into_status());
+        };
+        let entries = history::trail(self.commands.store(), order_id, None)
+            .await
+            .map_err(|e| history_error(&e))?;
+        if owner(&entries) != Some(caller.user_id) {
+            return Err(not_found(order_id));
+        }
+        Ok(Response::new(pb::GetOrderHistoryResponse {
+            events: entries.iter().map(entry_to_proto).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    async fn get_order_at(
+        &self,
+        request: Request<pb::GetOrderAtRequest>,
+    ) -> Result<Response<pb::GetOrderAtResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let r = request.get_ref();
+        let mut violations = FieldViolations::new();
+        let order_id = parse_order_id(&mut violations, &r.order_id);
+        let at = match &r.point {
+            Some(pb::get_order_at_request::Point::Version(v)) if *v >= 1 => Some(At::Version(*v)),
+            Some(pb::get_order_at_request::Point::Version(_)) => {
+                violations.add("version", "must be at least 1");
+                None
+            }
+            Some(pb::get_order_at_request::Point::At(t)) => {
+                let time = chrono::DateTime::from_timestamp(
+                    t.seconds,
+                    u32::try_from(t.nanos).unwrap_or(0),
+                );
+                violations.check("at", time.map(At::Time).ok_or("is not a valid timestamp"))
+            }
+            None => {
+                violations.add("point", "give a version or a timestamp (at)");
+                None
+            }
+        };
+        let (Some(order_id), Some(at)) = (order_id, at) else {
+            return Err(violations.into_status());
+        };
+        let (order, entries) = history::state_at(self.commands.store(), order_id, at)
+            .await
+            .map_err(|e| history_error(&e))?
+            .filter(|(order, _)| order.user_id == Some(caller.user_id))
+            .ok_or_else(|| {
+                Status::not_found(format!("order {order_id} did not exist at that point"))
+            })?;
+        let times = match (entries.first(), entries.last()) {
+            (Some(first), Some(last)) => (first.recorded.occurred_at, last.recorded.occurred_at),
+            _ => return Err(not_found(order_id)),
+        };
+        Ok(Response::new(pb::GetOrderAtResponse {
+            order: Some(order_to_proto(&order, times)),
         }))
     }
 }

@@ -1,45 +1,133 @@
-//! `order.*` integration events: stored order events -> `shop.events.v1`.
+//! `order.*` integration events: stored order events (any schema version)
+//! -> `shop.events.v1`.
 
 use contracts::events::v1 as pb;
 use es::RecordedEvent;
 use es_postgres::{IntegrationMapper, integration, relay::MapError};
 use messaging::OutboundMessage;
-use order_domain::OrderEvent;
+use order_domain::{OrderEvent, OrderLine, ShippingAddress};
 
 /// Maps order-service's stored events for the outbox relay.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OrderEvents;
 
+fn lines(lines: &[OrderLine]) -> Vec<pb::OrderLine> {
+    lines
+        .iter()
+        .map(|line| pb::OrderLine {
+            sku: line.sku.as_str().to_owned(),
+            quantity: i32::try_from(line.quantity.get()).unwrap_or(i32::MAX),
+            unit_price_minor: line.unit_price.minor(),
+        })
+        .collect()
+}
+
+fn address(address: &ShippingAddress) -> pb::ShippingAddress {
+    pb::ShippingAddress {
+        name: address.name.to_string(),
+        line1: address.line1.to_string(),
+        line2: address
+            .line2
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        city: address.city.to_string(),
+        postal_code: address.postal_code.to_string(),
+        country: address.country.as_str().to_owned(),
+    }
+}
+
 impl IntegrationMapper for OrderEvents {
     fn map(&self, event: &RecordedEvent) -> Result<Option<OutboundMessage>, MapError> {
-        let decoded: OrderEvent = event.decode().map_err(|e| MapError {
-            event_id: event.event_id,
-            event_type: event.event_type.clone(),
-            reason: e.to_string(),
-        })?;
+        let decoded = order_domain::decode(&event.event_type, event.schema_version, &event.payload)
+            .map_err(|e| MapError {
+                event_id: event.event_id,
+                event_type: event.event_type.clone(),
+                reason: e.to_string(),
+            })?;
+        let metadata = Some(integration::event_metadata(event));
         let message = match decoded {
             OrderEvent::Created {
                 order_id,
                 user_id,
                 currency,
-                lines,
+                lines: items,
                 total_minor,
+                ..
             } => integration::outbound(
                 event,
                 &pb::OrderCreated {
-                    metadata: Some(integration::event_metadata(event)),
+                    metadata,
                     order_id: order_id.to_string(),
                     user_id: user_id.to_string(),
-                    items: lines
-                        .iter()
-                        .map(|line| pb::OrderLine {
-                            sku: line.sku.as_str().to_owned(),
-                            quantity: i32::try_from(line.quantity.get()).unwrap_or(i32::MAX),
-                            unit_price_minor: line.unit_price.minor(),
-                        })
-                        .collect(),
+                    items: lines(&items),
                     currency: currency.to_string(),
                     total_minor,
+                },
+            ),
+            OrderEvent::Paid {
+                order_id,
+                user_id,
+                payment_reference,
+                amount_minor,
+                currency,
+            } => integration::outbound(
+                event,
+                &pb::OrderPaid {
+                    metadata,
+                    order_id: order_id.to_string(),
+                    user_id: user_id.to_string(),
+                    payment_reference: payment_reference.to_string(),
+                    currency: currency.to_string(),
+                    amount_minor,
+                },
+            ),
+            OrderEvent::Shipped {
+                order_id,
+                user_id,
+                carrier,
+                tracking_number,
+                currency,
+                lines: items,
+                total_minor,
+                shipping_address,
+            } => integration::outbound(
+                event,
+                &pb::OrderShipped {
+                    metadata,
+                    order_id: order_id.to_string(),
+                    user_id: user_id.to_string(),
+                    carrier: carrier.to_string(),
+                    tracking_number: tracking_number.to_string(),
+                    items: lines(&items),
+                    currency: currency.to_string(),
+                    total_minor,
+                    shipping_address: Some(address(&shipping_address)),
+                },
+            ),
+            OrderEvent::Delivered { order_id, user_id } => integration::outbound(
+                event,
+                &pb::OrderDelivered {
+                    metadata,
+                    order_id: order_id.to_string(),
+                    user_id: user_id.to_string(),
+                },
+            ),
+            OrderEvent::Cancelled {
+                order_id,
+                user_id,
+                reason,
+                refund_minor,
+                currency,
+            } => integration::outbound(
+                event,
+                &pb::OrderCancelled {
+                    metadata,
+                    order_id: order_id.to_string(),
+                    user_id: user_id.to_string(),
+                    reason: reason.to_string(),
+                    currency: currency.to_string(),
+                    refund_minor,
                 },
             ),
         };

@@ -1,15 +1,20 @@
-//! order-service: order commands and queries over an event-sourced store.
+//! order-service: event-sourced orders with CQRS read models.
 //!
 //! Layout: [`config`] (settings), [`app`] (composition and lifecycle),
 //! [`grpc`] (proto <-> domain, `Status` mapping), [`auth`] (token check
-//! against user-service), [`integration`] (`order.*` events for the outbox
-//! relay).
+//! against user-service), [`commands`] (load, decide, append), [`queries`]
+//! and [`projections`] (read models), [`history`] (audit trail and time
+//! travel), [`integration`] (`order.*` events for the outbox relay).
 
 pub mod app;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod grpc;
+pub mod history;
 pub mod integration;
+pub mod projections;
+pub mod queries;
 
 pub use app::Application;
 pub use config::Settings;

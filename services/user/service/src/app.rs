@@ -21,7 +21,7 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     api: UserApi,
-    relay: Relay,
+    relay: Relay<UserEvents>,
 }
 
 impl Application {

@@ -74,7 +74,7 @@ impl UserStore {
             _ => StoreError::Database(e),
         })?;
         let stream = format!("{}-{id}", user_domain::STREAM_PREFIX);
-        es_postgres::store::append(&mut *tx, &stream, 0, &[new_event], context, None).await?;
+        es_postgres::store::append(&mut *tx, &stream, 0, &[new_event], context, None, None).await?;
         tx.commit().await?;
         Ok(UserRecord {
             id,

@@ -1,0 +1,303 @@
+//! Read models (projections) fed from the events table, with zero-downtime
+//! rebuilds.
+//!
+//! A projection's rows carry a `generation`. Queries read the live generation
+//! (`projections.live_generation`). Each generation is a [`Subscriber`] that
+//! applies a batch and stores its checkpoint in **one transaction**, so a
+//! crash never applies an event twice or skips one. A rebuild
+//! ([`start_rebuild`]) registers the next generation; [`run`] starts a
+//! follower for it beside the live one, and when it has caught up with the
+//! live generation it becomes live in one transaction and the old rows are
+//! deleted. Queries answer throughout.
+
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
+
+use es::RecordedEvent;
+use sqlx::{Acquire as _, PgConnection, PgPool, Row as _};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::tail::{self, Cursor, Subscriber, TailConfig, TailError};
+
+/// A read model: how one event changes its rows of one generation.
+pub trait Projection: Send + Sync + 'static {
+    /// Registry name, e.g. `order_summary`.
+    fn name(&self) -> &'static str;
+
+    /// Applies one event to `generation`, inside the caller's transaction.
+    /// Events arrive in per-stream version order, each exactly once.
+    fn apply(
+        &self,
+        conn: &mut PgConnection,
+        generation: i32,
+        event: &RecordedEvent,
+    ) -> impl Future<Output = Result<(), TailError>> + Send;
+
+    /// Deletes every row of `generation` (a retired or restarted generation).
+    fn clear(
+        &self,
+        conn: &mut PgConnection,
+        generation: i32,
+    ) -> impl Future<Output = Result<(), TailError>> + Send;
+}
+
+/// Where a projection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub live_generation: i32,
+    pub building_generation: Option<i32>,
+}
+
+/// Registers the projection (generation 1 live) if it is new.
+///
+/// # Errors
+///
+/// Fails when Postgres is unreachable.
+pub async fn register(pool: &PgPool, name: &str) -> Result<Status, sqlx::Error> {
+    sqlx::query("INSERT INTO projections (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    status(pool, name).await?.ok_or(sqlx::Error::RowNotFound)
+}
+
+/// The projection's generations, or `None` if it was never registered.
+///
+/// # Errors
+///
+/// Fails when Postgres is unreachable.
+pub async fn status(pool: &PgPool, name: &str) -> Result<Option<Status>, sqlx::Error> {
+    let row =
+        sqlx::query("SELECT live_generation, building_generation FROM projections WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|r| {
+        Ok(Status {
+            live_generation: r.try_get("live_generation")?,
+            building_generation: r.try_get("building_generation")?,
+        })
+    })
+    .transpose()
+}
+
+/// Asks for a rebuild: registers the next generation (or returns the one
+/// already building). The running service builds it and switches over.
+///
+/// # Errors
+///
+/// Fails when Postgres is unreachable or the projection is unknown.
+pub async fn start_rebuild(pool: &PgPool, name: &str) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE projections SET building_generation = COALESCE(building_generation, live_generation + 1), \
+         updated_at = now() WHERE name = $1 RETURNING building_generation",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?
+    .flatten()
+    .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Whether the live generation of `name` has applied the event at `position`.
+///
+/// # Errors
+///
+/// Fails when Postgres is unreachable; `Ok(None)` if no such event exists.
+pub async fn has_reached(
+    pool: &PgPool,
+    name: &str,
+    position: i64,
+) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT (e.tx_id, e.position) <= (c.tx_id, c.position) \
+         FROM events e \
+         LEFT JOIN projections p ON p.name = $1 \
+         LEFT JOIN projection_checkpoints c ON c.name = $1 AND c.generation = p.live_generation \
+         WHERE e.position = $2",
+    )
+    .bind(name)
+    .bind(position)
+    .fetch_optional(pool)
+    .await
+    .map(|reached: Option<Option<bool>>| reached.map(|r| r.unwrap_or(false)))
+}
+
+/// One generation of one projection, following the events table.
+struct Generation<P> {
+    projection: Arc<P>,
+    generation: i32,
+}
+
+impl<P: Projection> Generation<P> {
+    async fn save_cursor(
+        &self,
+        conn: &mut PgConnection,
+        cursor: &Cursor,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, generation, tx_id, position) VALUES ($1, $2, $3::text::xid8, $4) \
+             ON CONFLICT (name, generation) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()",
+        )
+        .bind(self.projection.name())
+        .bind(self.generation)
+        .bind(&cursor.tx_id)
+        .bind(cursor.position)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+impl<P: Projection> Subscriber for Generation<P> {
+    fn name(&self) -> String {
+        format!("projection:{}@{}", self.projection.name(), self.generation)
+    }
+
+    async fn load_cursor(&mut self, conn: &mut PgConnection) -> Result<Cursor, TailError> {
+        let row = sqlx::query(
+            "SELECT tx_id::text AS tx_text, position FROM projection_checkpoints WHERE name = $1 AND generation = $2",
+        )
+        .bind(self.projection.name())
+        .bind(self.generation)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(row) = row {
+            return Ok(Cursor {
+                tx_id: row.try_get("tx_text")?,
+                position: row.try_get("position")?,
+            });
+        }
+        // A fresh generation: clear what an interrupted earlier attempt left.
+        let mut tx = conn.begin().await?;
+        self.projection.clear(&mut tx, self.generation).await?;
+        self.save_cursor(&mut tx, &Cursor::start()).await?;
+        tx.commit().await?;
+        Ok(Cursor::start())
+    }
+
+    async fn handle(
+        &mut self,
+        conn: &mut PgConnection,
+        batch: &[(Cursor, RecordedEvent)],
+    ) -> Result<(), TailError> {
+        let Some((last, _)) = batch.last() else {
+            return Ok(());
+        };
+        let mut tx = conn.begin().await?;
+        for (_, event) in batch {
+            self.projection
+                .apply(&mut tx, self.generation, event)
+                .await?;
+        }
+        self.save_cursor(&mut tx, last).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Live: keep going while still live. Building: once caught up with the
+    /// live generation, switch over and retire the old one.
+    async fn keep_running(
+        &mut self,
+        conn: &mut PgConnection,
+        cursor: &Cursor,
+    ) -> Result<bool, TailError> {
+        let name = self.projection.name();
+        let mut tx = conn.begin().await?;
+        let row = sqlx::query(
+            "SELECT p.live_generation, p.building_generation, c.tx_id::text AS tx_text, c.position \
+             FROM projections p LEFT JOIN projection_checkpoints c \
+               ON c.name = p.name AND c.generation = p.live_generation \
+             WHERE p.name = $1 FOR UPDATE OF p",
+        )
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let live: i32 = row.try_get("live_generation")?;
+        let building: Option<i32> = row.try_get("building_generation")?;
+        if live == self.generation {
+            return Ok(true);
+        }
+        if building != Some(self.generation) {
+            return Ok(false);
+        }
+        let live_cursor = match (
+            row.try_get::<Option<String>, _>("tx_text")?,
+            row.try_get::<Option<i64>, _>("position")?,
+        ) {
+            (Some(tx_id), Some(position)) => Cursor { tx_id, position },
+            _ => Cursor::start(),
+        };
+        if cursor.key() < live_cursor.key() {
+            return Ok(true);
+        }
+        sqlx::query(
+            "UPDATE projections SET live_generation = $2, building_generation = NULL, updated_at = now() WHERE name = $1",
+        )
+        .bind(name)
+        .bind(self.generation)
+        .execute(&mut *tx)
+        .await?;
+        self.projection.clear(&mut tx, live).await?;
+        sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1 AND generation = $2")
+            .bind(name)
+            .bind(live)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(
+            projection = name,
+            from = live,
+            to = self.generation,
+            "rebuilt projection is now live"
+        );
+        Ok(true)
+    }
+}
+
+/// Keeps a follower running for every generation of `projection` that
+/// should run (the live one, and a building one during a rebuild), until
+/// `shutdown`.
+pub async fn run<P: Projection>(
+    pool: PgPool,
+    database_url: String,
+    projection: Arc<P>,
+    config: TailConfig,
+    shutdown: CancellationToken,
+) {
+    let name = projection.name();
+    let mut running: HashMap<i32, JoinHandle<()>> = HashMap::new();
+    while !shutdown.is_cancelled() {
+        running.retain(|_, task| !task.is_finished());
+        match register(&pool, name).await {
+            Ok(status) => {
+                for generation in
+                    std::iter::once(status.live_generation).chain(status.building_generation)
+                {
+                    running.entry(generation).or_insert_with(|| {
+                        let follower = Generation {
+                            projection: projection.clone(),
+                            generation,
+                        };
+                        tokio::spawn(tail::run(
+                            database_url.clone(),
+                            follower,
+                            config.clone(),
+                            shutdown.clone(),
+                        ))
+                    });
+                }
+            }
+            Err(error) => {
+                tracing::warn!(projection = name, %error, "cannot read the projection registry");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    for (_, task) in running {
+        let _ = task.await;
+    }
+}

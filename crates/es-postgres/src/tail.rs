@@ -1,0 +1,226 @@
+//! Following the events table in a gap-safe order. The outbox relay and the
+//! projections are both [`Subscriber`]s run by [`run`].
+//!
+//! # Why not `WHERE position > last`
+//!
+//! `position` is taken at insert but becomes visible at commit, so a slow
+//! transaction can commit position 7 after position 8 was read and the cursor
+//! moved past it: the event is skipped forever. [`read_batch`] reads only rows
+//! whose writing transaction is older than the oldest transaction still
+//! running (`tx_id < pg_snapshot_xmin(pg_current_snapshot())`), in
+//! `(tx_id, position)` order. Below that horizon nothing can appear any more,
+//! so the cursor `(tx_id, position)` never passes an event that commits later.
+//! A long-running writer delays followers; it never makes them skip an event.
+//!
+//! Only one follower per name runs at a time: it holds a session advisory
+//! lock on its own connection, which is also the connection it reads on, so
+//! losing the connection loses the lock and the reads together.
+
+use std::{future::Future, time::Duration};
+
+use es::RecordedEvent;
+use sqlx::{Connection as _, PgConnection, Row as _, postgres::PgListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{EVENT_COLUMNS, recorded_event};
+
+/// Position of a follower in commit-safe order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    /// `xid8` of the writing transaction (as text: sqlx has no type for it).
+    /// Compared numerically via [`Cursor::key`].
+    pub tx_id: String,
+    pub position: i64,
+}
+
+impl Cursor {
+    /// Before the first event.
+    #[must_use]
+    pub fn start() -> Self {
+        Self {
+            tx_id: "0".to_owned(),
+            position: 0,
+        }
+    }
+
+    /// Numeric ordering key (`xid8` is a 64-bit integer).
+    #[must_use]
+    pub fn key(&self) -> (u64, i64) {
+        (self.tx_id.parse().unwrap_or(0), self.position)
+    }
+}
+
+/// Why a follower's step failed. Retried after a pause.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct TailError(Box<dyn std::error::Error + Send + Sync>);
+
+impl TailError {
+    /// Wraps any error.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(error))
+    }
+}
+
+impl From<sqlx::Error> for TailError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::new(error)
+    }
+}
+
+/// Something that follows the events table.
+pub trait Subscriber: Send {
+    /// Name for the advisory lock and the logs; unique per database.
+    fn name(&self) -> String;
+
+    /// Where to start: the persisted cursor, or [`Cursor::start`].
+    fn load_cursor(
+        &mut self,
+        conn: &mut PgConnection,
+    ) -> impl Future<Output = Result<Cursor, TailError>> + Send;
+
+    /// Handles a non-empty batch and persists the cursor of its last event.
+    /// On error nothing must have been persisted (the batch is read again).
+    fn handle(
+        &mut self,
+        conn: &mut PgConnection,
+        batch: &[(Cursor, RecordedEvent)],
+    ) -> impl Future<Output = Result<(), TailError>> + Send;
+
+    /// Checked between batches; `false` stops the follower for good.
+    fn keep_running(
+        &mut self,
+        _conn: &mut PgConnection,
+        _cursor: &Cursor,
+    ) -> impl Future<Output = Result<bool, TailError>> + Send {
+        async { Ok(true) }
+    }
+}
+
+/// Tuning of one follower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailConfig {
+    pub batch_size: i64,
+    /// Poll even without a NOTIFY, so a lost notification costs latency only.
+    pub poll_interval: Duration,
+    /// Pause after a failure (Postgres or NATS unreachable) before retrying.
+    pub retry_delay: Duration,
+}
+
+impl Default for TailConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_millis(500),
+            retry_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The NOTIFY channel a statement trigger on `events` signals at commit.
+pub const CHANNEL: &str = "events_appended";
+const LOCK_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('shop.tail.' || $1))";
+
+/// Runs `subscriber` until `shutdown` fires or it asks to stop, surviving
+/// Postgres outages and its own errors.
+pub async fn run<S: Subscriber>(
+    database_url: String,
+    mut subscriber: S,
+    config: TailConfig,
+    shutdown: CancellationToken,
+) {
+    let name = subscriber.name();
+    while !shutdown.is_cancelled() {
+        match follow(&database_url, &mut subscriber, &config, &shutdown).await {
+            Ok(()) => break,
+            Err(error) => tracing::warn!(follower = %name, %error, "interrupted; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(config.retry_delay) => {}
+        }
+    }
+    tracing::info!(follower = %name, "stopped");
+}
+
+/// Takes the lock, then handles batches until shutdown, retirement or an error.
+async fn follow<S: Subscriber>(
+    database_url: &str,
+    subscriber: &mut S,
+    config: &TailConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), TailError> {
+    let name = subscriber.name();
+    let mut conn = PgConnection::connect(database_url).await?;
+    loop {
+        let locked: bool = sqlx::query_scalar(LOCK_SQL)
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+        if locked {
+            break;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(config.poll_interval * 4) => {}
+        }
+    }
+    let mut listener = PgListener::connect(database_url).await?;
+    listener.listen(CHANNEL).await?;
+    let mut cursor = subscriber.load_cursor(&mut conn).await?;
+    tracing::info!(follower = %name, ?cursor, "following the events table");
+    loop {
+        if !subscriber.keep_running(&mut conn, &cursor).await? {
+            return Ok(());
+        }
+        let batch = read_batch(&mut conn, &cursor, config.batch_size).await?;
+        if let Some((last, _)) = batch.last() {
+            let last = last.clone();
+            subscriber.handle(&mut conn, &batch).await?;
+            cursor = last;
+            if batch.len() as i64 >= config.batch_size {
+                continue;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            notification = listener.recv() => { notification?; }
+            () = tokio::time::sleep(config.poll_interval) => {}
+        }
+    }
+}
+
+/// The next events past `cursor` whose transactions can no longer be joined
+/// by an earlier, still running one (see the module docs).
+///
+/// # Errors
+///
+/// Fails when Postgres is unreachable.
+pub async fn read_batch(
+    conn: &mut PgConnection,
+    cursor: &Cursor,
+    limit: i64,
+) -> Result<Vec<(Cursor, RecordedEvent)>, sqlx::Error> {
+    let sql = format!(
+        "SELECT tx_id::text AS tx_text, {EVENT_COLUMNS} FROM events \
+         WHERE (tx_id, position) > ($1::text::xid8, $2) \
+           AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY tx_id, position LIMIT $3"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&cursor.tx_id)
+        .bind(cursor.position)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let event = recorded_event(row)?;
+            let cursor = Cursor {
+                tx_id: row.try_get("tx_text")?,
+                position: event.position,
+            };
+            Ok((cursor, event))
+        })
+        .collect()
+}
