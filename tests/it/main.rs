@@ -6,6 +6,7 @@
 mod e2e;
 mod notification_api;
 mod order_api;
+mod orders;
 mod relay;
 mod support;
 mod user_api;

@@ -276,3 +276,46 @@ async fn a_relay_stopped_mid_stream_resumes_without_loss_or_duplicates() -> anyh
     relay.await?;
     Ok(())
 }
+
+/// The relay task is aborted at an arbitrary point mid-stream (no graceful
+/// stop: whatever batch was in flight is cut off between publish and
+/// checkpoint), then restarted: every event lands exactly once.
+#[tokio::test]
+async fn a_relay_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let setup = setup().await?;
+    let store = es_postgres::EventStore::new(setup.pool.clone());
+    let context = EventContext::new("test");
+    for stream in 0..60 {
+        let events: Vec<_> = (0..50).map(|_| new_event()).collect();
+        store
+            .append(&format!("k-{stream}"), 0, &events, &context, None, None)
+            .await?;
+    }
+    let (_shutdown, relay) = start_relay(&setup, Everything::default());
+    eventually(
+        "the relay to be mid-stream",
+        Duration::from_secs(30),
+        || async { (stream_count(&setup.js).await >= 300).then_some(()) },
+    )
+    .await?;
+    relay.abort();
+    let _ = relay.await;
+    let at_kill = stream_count(&setup.js).await;
+    assert!(at_kill < 3000, "killed part-way ({at_kill} published)");
+
+    let (shutdown, relay) = start_relay(&setup, Everything::default());
+    eventually("all 3000 events", Duration::from_secs(60), || async {
+        (stream_count(&setup.js).await >= 3000).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let published = published(&setup.js).await?;
+    assert_eq!(published.len(), 3000);
+    assert_eq!(
+        published.into_iter().collect::<HashSet<_>>(),
+        all_event_ids(&setup.pool).await?
+    );
+    shutdown.cancel();
+    relay.await?;
+    Ok(())
+}
