@@ -11,8 +11,8 @@ use contracts::{
         ListNotificationsRequest, notification_service_client::NotificationServiceClient,
     },
     order::v1::{
-        CreateOrderRequest, GetOrderRequest, OrderItem, ShippingAddress,
-        order_service_client::OrderServiceClient,
+        CreateOrderRequest, GetOrderHistoryRequest, GetOrderRequest, OrderItem, PayOrderRequest,
+        ShipOrderRequest, ShippingAddress, order_service_client::OrderServiceClient,
     },
     user::v1::{AuthenticateRequest, CreateUserRequest, user_service_client::UserServiceClient},
 };
@@ -50,6 +50,15 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
         .timeout(Duration::from_secs(10))
         .connect()
         .await?)
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+fn authed<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
 }
 
 fn ms(d: Duration) -> String {
@@ -113,23 +122,22 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
             unit_price_minor: 1250,
         },
     ];
-    let mut request = tonic::Request::new(CreateOrderRequest {
-        items,
-        currency: "EUR".to_owned(),
-        idempotency_key: uuid::Uuid::new_v4().to_string(),
-        shipping_address: Some(ShippingAddress {
-            name: "Ada Lovelace".to_owned(),
-            line1: "12 St James's Square".to_owned(),
-            line2: String::new(),
-            city: "London".to_owned(),
-            postal_code: "SW1Y 4JH".to_owned(),
-            country: "GB".to_owned(),
-        }),
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", login.access_token).parse()?,
-    );
+    let request = authed(
+        &login.access_token,
+        CreateOrderRequest {
+            items,
+            currency: "EUR".to_owned(),
+            idempotency_key: uuid::Uuid::new_v4().to_string(),
+            shipping_address: Some(ShippingAddress {
+                name: "Ada Lovelace".to_owned(),
+                line1: "12 St James's Square".to_owned(),
+                line2: String::new(),
+                city: "London".to_owned(),
+                postal_code: "SW1Y 4JH".to_owned(),
+                country: "GB".to_owned(),
+            }),
+        },
+    )?;
     let ordered_at = Instant::now();
     let created = orders
         .create_order(request)
@@ -147,14 +155,13 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    let mut request = tonic::Request::new(GetOrderRequest {
-        order_id: order.id.clone(),
-        min_position: created.position,
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", login.access_token).parse()?,
-    );
+    let request = authed(
+        &login.access_token,
+        GetOrderRequest {
+            order_id: order.id.clone(),
+            min_position: created.position,
+        },
+    )?;
     let read = orders
         .get_order(request)
         .await
@@ -209,8 +216,66 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
     );
     println!(
         "   Order to notification: {server_side} (event committed -> notification recorded), \
-         {} as the client saw it.",
+         {} from sending the order until the client could list it.",
         ms(seen_after)
+    );
+
+    let started = Instant::now();
+    orders
+        .pay_order(authed(
+            &login.access_token,
+            PayOrderRequest {
+                order_id: order.id.clone(),
+                payment_reference: "demo-payment-1".to_owned(),
+                amount_minor: total.amount_minor,
+                idempotency_key: String::new(),
+                expected_version: 1,
+            },
+        )?)
+        .await
+        .context("PayOrder")?;
+    let shipped = orders
+        .ship_order(authed(
+            &login.access_token,
+            ShipOrderRequest {
+                order_id: order.id.clone(),
+                carrier: "DHL".to_owned(),
+                tracking_number: "JD0146000033".to_owned(),
+                idempotency_key: String::new(),
+                expected_version: 2,
+            },
+        )?)
+        .await
+        .context("ShipOrder")?
+        .into_inner()
+        .order
+        .context("no order")?;
+    println!(
+        "6. Paid and shipped: status {:?}, carrier {} tracking {} ({})",
+        shipped.status(),
+        shipped.carrier,
+        shipped.tracking_number,
+        ms(started.elapsed())
+    );
+    let history = orders
+        .get_order_history(authed(
+            &login.access_token,
+            GetOrderHistoryRequest {
+                order_id: order.id.clone(),
+            },
+        )?)
+        .await
+        .context("GetOrderHistory")?
+        .into_inner()
+        .events;
+    let trail: Vec<_> = history
+        .iter()
+        .map(|e| format!("v{} {}", e.version, e.event_type))
+        .collect();
+    println!("7. Audit trail: {}", trail.join(", "));
+    println!(
+        "   More: shopctl orders history {0} | shopctl orders at {0} --version 1",
+        order.id
     );
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! Output on stdout is the product of this tool, hence `println!`.
 #![allow(clippy::print_stdout)]
 
+mod admin;
 mod demo;
 mod infra;
 mod stack;
@@ -43,10 +44,81 @@ enum Command {
         #[arg(long, default_value = ".shop/stack.json")]
         stack_file: PathBuf,
     },
+    /// Order audit trail and time travel.
+    #[command(subcommand)]
+    Orders(OrdersCommand),
+    /// The outbox relays.
+    #[command(subcommand)]
+    Relay(RelayCommand),
+    /// The order read models.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
     /// Run one service in this process (used by `up`; the service binaries
     /// do the same).
     #[command(hide = true)]
     Serve { service: Service },
+}
+
+#[derive(Debug, Subcommand)]
+enum OrdersCommand {
+    /// Every event of an order with its metadata and the change it made.
+    History {
+        order_id: uuid::Uuid,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+    /// The order as it was at a version or a moment, and how it got there.
+    At {
+        order_id: uuid::Uuid,
+        /// State after this many events.
+        #[arg(long, conflicts_with = "at", required_unless_present = "at")]
+        version: Option<i64>,
+        /// State as of this RFC 3339 time, e.g. 2026-11-25T13:00:00Z.
+        #[arg(long)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RelayCommand {
+    /// Publish events again from Postgres (after JetStream lost messages).
+    Republish {
+        /// First global position to publish.
+        #[arg(
+            long,
+            conflicts_with = "from_time",
+            required_unless_present = "from_time"
+        )]
+        from: Option<i64>,
+        /// Or: first event time (RFC 3339).
+        #[arg(long)]
+        from_time: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long, value_enum, default_value = "order-service")]
+        service: admin::Outbox,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectionsCommand {
+    /// Rebuild a read model beside the live one, then switch queries over.
+    Rebuild {
+        /// `order_summary` or `orders_by_user`.
+        name: String,
+        /// Return once the rebuild is requested instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+    /// Live and building generations of each read model.
+    Status {
+        #[command(flatten)]
+        target: admin::Target,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -73,6 +145,34 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo { stack_file } => demo::run_or_start(&stack_file).await,
         Command::Serve { service } => serve(service).await,
+        Command::Orders(OrdersCommand::History { order_id, target }) => {
+            admin::history(&target, order_id).await
+        }
+        Command::Orders(OrdersCommand::At {
+            order_id,
+            version,
+            at,
+            target,
+        }) => {
+            let point = match (version, at) {
+                (Some(v), _) => order_service::history::At::Version(v),
+                (None, Some(t)) => order_service::history::At::Time(t),
+                (None, None) => anyhow::bail!("give --version N or --at TIME"),
+            };
+            admin::at(&target, order_id, point).await
+        }
+        Command::Relay(RelayCommand::Republish {
+            from,
+            from_time,
+            service,
+            target,
+        }) => admin::republish(&target, service, from, from_time).await,
+        Command::Projections(ProjectionsCommand::Rebuild {
+            name,
+            no_wait,
+            target,
+        }) => admin::rebuild(&target, &name, !no_wait).await,
+        Command::Projections(ProjectionsCommand::Status { target }) => admin::status(&target).await,
     }
 }
 

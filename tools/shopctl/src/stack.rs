@@ -37,6 +37,8 @@ pub(crate) struct StackFile {
     pub(crate) notification_service: String,
     pub(crate) nats_url: String,
     pub(crate) database_url: String,
+    pub(crate) users_database_url: String,
+    pub(crate) orders_database_url: String,
     pub(crate) pid: u32,
 }
 
@@ -217,6 +219,8 @@ async fn run(
         notification_service: url(ports[2]),
         nats_url: nats_url.clone(),
         database_url: admin_url.clone(),
+        users_database_url: users_db.clone(),
+        orders_database_url: orders_db.clone(),
         pid: std::process::id(),
     };
     std::fs::write(

@@ -48,6 +48,47 @@ fn up_then_demo_then_sigterm_stops_everything() -> Result<(), Box<dyn std::error
         "{story}"
     );
     assert!(story.contains("Order to notification:"), "{story}");
+    assert!(
+        story.contains("7. Audit trail: v1 order.created, v2 order.paid, v3 order.shipped"),
+        "{story}"
+    );
+
+    // The operator commands work against the same stack.
+    let order_id = story
+        .split("shopctl orders history ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the demo names its order")
+        .to_owned();
+    let run = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let output = shopctl()
+            .args(args)
+            .arg("--stack-file")
+            .arg(&stack_file)
+            .output()?;
+        let text = String::from_utf8(output.stdout)?;
+        assert!(
+            output.status.success(),
+            "{args:?} failed:\n{text}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(text)
+    };
+    let history = run(&["orders", "history", &order_id])?;
+    assert!(history.contains("3 events"), "{history}");
+    assert!(history.contains("status: created -> paid"), "{history}");
+    let at = run(&["orders", "at", &order_id, "--version", "1"])?;
+    assert!(at.contains("\"status\": \"created\""), "{at}");
+    let rebuilt = run(&["projections", "rebuild", "order_summary"])?;
+    assert!(
+        rebuilt.contains("Generation 2 of order_summary is live"),
+        "{rebuilt}"
+    );
+    let republished = run(&["relay", "republish", "--from", "1"])?;
+    assert!(
+        republished.contains("Republished 3 events"),
+        "{republished}"
+    );
 
     let pid = up.id().to_string();
     assert!(
