@@ -96,3 +96,22 @@ pub fn correlation_id(metadata: &tonic::metadata::MetadataMap) -> uuid::Uuid {
         .and_then(|v| uuid::Uuid::parse_str(v).ok())
         .unwrap_or_else(uuid::Uuid::now_v7)
 }
+
+/// The caller's W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if it sent
+/// a well-formed one. Stored with every event the call writes, so the trace
+/// continues through the outbox and NATS.
+#[must_use]
+pub fn traceparent(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    let value = metadata.get("traceparent")?.to_str().ok()?.trim();
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let well_formed = parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1] != "0".repeat(32)
+        && hex(parts[2], 16)
+        && parts[2] != "0".repeat(16)
+        && hex(parts[3], 2);
+    well_formed.then(|| value.to_ascii_lowercase())
+}

@@ -77,7 +77,7 @@ fn context(metadata: &MetadataMap, caller: Caller) -> EventContext {
         correlation_id,
         causation_id: Uuid::now_v7(),
         actor: caller.user_id.to_string(),
-        traceparent: None,
+        traceparent: platform::grpc::traceparent(metadata),
     }
 }
 

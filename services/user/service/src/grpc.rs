@@ -52,6 +52,7 @@ impl UserService for UserApi {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let correlation_id = platform::grpc::correlation_id(request.metadata());
+        let traceparent = platform::grpc::traceparent(request.metadata());
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
         let email = violations.check("email", Email::parse(&request.email));
@@ -67,7 +68,7 @@ impl UserService for UserApi {
             correlation_id,
             causation_id: correlation_id,
             actor: id.to_string(),
-            traceparent: None,
+            traceparent,
         };
         let user = self
             .store
