@@ -62,9 +62,9 @@ async fn an_order_flows_from_sign_up_to_notification() -> anyhow::Result<()> {
         Duration::from_secs(15),
         || {
             let mut client = notifications.clone();
-            let list = list.clone();
+            let request = bearer(&token, list.clone());
             async move {
-                let page = client.list_notifications(list).await.ok()?.into_inner();
+                let page = client.list_notifications(request).await.ok()?.into_inner();
                 (page.notifications.len() >= 2).then_some(page.notifications)
             }
         },
@@ -102,19 +102,25 @@ async fn an_order_flows_from_sign_up_to_notification() -> anyhow::Result<()> {
 
     // Page tokens walk the rest.
     let first = notifications
-        .list_notifications(ListNotificationsRequest {
-            page_size: 1,
-            ..list.clone()
-        })
+        .list_notifications(bearer(
+            &token,
+            ListNotificationsRequest {
+                page_size: 1,
+                ..list.clone()
+            },
+        ))
         .await?
         .into_inner();
     assert_eq!(first.notifications.len(), 1);
     let second = notifications
-        .list_notifications(ListNotificationsRequest {
-            page_size: 1,
-            page_token: first.next_page_token.clone(),
-            ..list
-        })
+        .list_notifications(bearer(
+            &token,
+            ListNotificationsRequest {
+                page_size: 1,
+                page_token: first.next_page_token.clone(),
+                ..list
+            },
+        ))
         .await?
         .into_inner();
     assert_eq!(second.notifications[0].event_type, "user.created");

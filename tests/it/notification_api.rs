@@ -5,52 +5,52 @@ use std::time::Duration;
 
 use contracts::{events::v1 as events, notification::v1::ListNotificationsRequest};
 use prost::Message as _;
-use testkit::{TestStack, eventually};
+use testkit::{TestStack, bearer, eventually};
 use tonic::Code;
 
 use crate::support::assert_rejected;
 
 #[tokio::test]
-async fn bad_list_requests_name_the_field() -> anyhow::Result<()> {
+async fn bad_list_requests_name_the_field_and_others_lists_are_refused() -> anyhow::Result<()> {
     let stack = TestStack::start().await?;
+    let (user, token) = stack.signed_up_user().await?;
     let mut notifications = stack.notifications().await?;
     let request = |user_id: &str, page_size: i32, page_token: &str| ListNotificationsRequest {
         user_id: user_id.to_owned(),
         page_size,
         page_token: page_token.to_owned(),
     };
-    let user = uuid::Uuid::new_v4().to_string();
-    assert_rejected(
-        notifications.list_notifications(request("", 0, "")).await,
-        Code::InvalidArgument,
-        Some("user_id"),
-    );
     assert_rejected(
         notifications
-            .list_notifications(request(&user, -1, ""))
+            .list_notifications(request(&user, 0, ""))
             .await,
-        Code::InvalidArgument,
-        Some("page_size"),
+        Code::Unauthenticated,
+        None,
     );
+    for (bad, field) in [
+        (request("nope", 0, ""), "user_id"),
+        (request(&user, -1, ""), "page_size"),
+        (request(&user, 101, ""), "page_size"),
+        (request(&user, 0, "x"), "page_token"),
+    ] {
+        assert_rejected(
+            notifications.list_notifications(bearer(&token, bad)).await,
+            Code::InvalidArgument,
+            Some(field),
+        );
+    }
+    let stranger = uuid::Uuid::new_v4().to_string();
     assert_rejected(
         notifications
-            .list_notifications(request(&user, 101, ""))
+            .list_notifications(bearer(&token, request(&stranger, 0, "")))
             .await,
-        Code::InvalidArgument,
-        Some("page_size"),
+        Code::PermissionDenied,
+        None,
     );
-    assert_rejected(
-        notifications
-            .list_notifications(request(&user, 0, "x"))
-            .await,
-        Code::InvalidArgument,
-        Some("page_token"),
-    );
-    let empty = notifications
-        .list_notifications(request(&user, 0, ""))
-        .await?
-        .into_inner();
-    assert!(empty.notifications.is_empty());
+    // An empty user_id means the caller.
+    notifications
+        .list_notifications(bearer(&token, request("", 0, "")))
+        .await?;
     stack.stop().await;
     Ok(())
 }
@@ -60,10 +60,12 @@ async fn an_event_published_twice_past_dedup_makes_one_notification() -> anyhow:
     let stack = TestStack::start().await?;
     let client = async_nats::connect(stack.nats.url()).await?;
     let js = async_nats::jetstream::new(client);
-    let user_id = uuid::Uuid::new_v4();
+    let (user, token) = stack.signed_up_user().await?;
+    let user_id = uuid::Uuid::parse_str(&user)?;
+    let injected = uuid::Uuid::new_v4().to_string();
     let event = events::UserCreated {
         metadata: Some(events::EventMetadata {
-            event_id: uuid::Uuid::new_v4().to_string(),
+            event_id: injected.clone(),
             stream_id: format!("user-{user_id}"),
             stream_version: 1,
             occurred_at: Some(contracts::timestamp(chrono::Utc::now())),
@@ -91,14 +93,18 @@ async fn an_event_published_twice_past_dedup_makes_one_notification() -> anyhow:
         page_size: 10,
         page_token: String::new(),
     };
-    eventually("the welcome notification", Duration::from_secs(10), || {
-        let mut client = notifications.clone();
-        let list = list.clone();
-        async move {
-            let page = client.list_notifications(list).await.ok()?.into_inner();
-            (!page.notifications.is_empty()).then_some(())
-        }
-    })
+    eventually(
+        "both welcome notifications",
+        Duration::from_secs(10),
+        || {
+            let mut client = notifications.clone();
+            let request = bearer(&token, list.clone());
+            async move {
+                let page = client.list_notifications(request).await.ok()?.into_inner();
+                (page.notifications.len() >= 2).then_some(())
+            }
+        },
+    )
     .await?;
     // Give the duplicate time to be processed, then count.
     let consumer: async_nats::jetstream::consumer::PullConsumer = js
@@ -107,19 +113,31 @@ async fn an_event_published_twice_past_dedup_makes_one_notification() -> anyhow:
         .get_consumer("notification-service-users")
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-    eventually("all three messages acked", Duration::from_secs(10), || {
+    eventually("all four messages acked", Duration::from_secs(10), || {
         let mut consumer = consumer.clone();
         async move {
             let info = consumer.info().await.ok()?;
             (info.num_ack_pending == 0
                 && info.num_pending == 0
-                && info.delivered.stream_sequence >= 3)
+                && info.delivered.stream_sequence >= 4)
                 .then_some(())
         }
     })
     .await?;
-    let page = notifications.list_notifications(list).await?.into_inner();
-    assert_eq!(page.notifications.len(), 1);
+    let page = notifications
+        .list_notifications(bearer(&token, list))
+        .await?
+        .into_inner();
+    let copies = page
+        .notifications
+        .iter()
+        .filter(|n| n.event_id == injected)
+        .count();
+    assert_eq!(
+        (page.notifications.len(), copies),
+        (2, 1),
+        "the repeat changed nothing"
+    );
     stack.stop().await;
     Ok(())
 }

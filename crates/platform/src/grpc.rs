@@ -115,3 +115,62 @@ pub fn traceparent(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
         && hex(parts[3], 2);
     well_formed.then(|| value.to_ascii_lowercase())
 }
+
+/// The deadline of the request being served, from its `grpc-timeout` header
+/// (`<digits><unit>`, unit one of `H M S m u n`), counted from now. Calls made
+/// while serving it pass on what remains.
+#[must_use]
+pub fn incoming_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(amount.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(amount),
+        "m" => std::time::Duration::from_millis(amount),
+        "u" => std::time::Duration::from_micros(amount),
+        "n" => std::time::Duration::from_nanos(amount),
+        _ => return None,
+    };
+    tracing::debug!(target: "shop::deadline", remaining_ms = timeout.as_millis() as u64, "incoming deadline");
+    Some(tokio::time::Instant::now() + timeout)
+}
+
+/// Everything one service runs, driven by one shutdown token.
+#[derive(Debug)]
+pub struct Service {
+    /// gRPC routes of the service itself (health and reflection are added).
+    pub routes: tonic::service::Routes,
+    /// Fully-qualified name of its gRPC service, for health.
+    pub name: &'static str,
+    pub listener: TcpListener,
+    pub admin: crate::admin::AdminServer,
+    pub metrics: crate::metrics::Metrics,
+    pub readiness: crate::admin::Readiness,
+    /// Relays, projections, consumers: they stop when `shutdown` fires.
+    pub background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Service {
+    /// Serves gRPC and the admin port until `shutdown` fires (or gRPC fails,
+    /// which fires it), then waits for the background tasks.
+    ///
+    /// # Errors
+    ///
+    /// When the gRPC transport fails.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let admin = tokio::spawn(
+            self.admin
+                .serve(self.metrics, self.readiness, shutdown.clone()),
+        );
+        let result = serve(self.routes, self.name, self.listener, shutdown.clone()).await;
+        shutdown.cancel();
+        for task in self.background.into_iter().chain(std::iter::once(admin)) {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "background task failed");
+            }
+        }
+        result
+    }
+}

@@ -2,9 +2,13 @@
 //! telemetry, the gRPC server kit (health, reflection, graceful shutdown),
 //! the error-to-`Status` mapping helpers, and connections to Postgres and NATS.
 
+pub mod admin;
+pub mod auth;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod grpc;
+pub mod metrics;
 pub mod nats;
 pub mod shutdown;
 pub mod status;

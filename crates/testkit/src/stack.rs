@@ -25,6 +25,10 @@ pub struct TestStack {
     pub user_addr: SocketAddr,
     pub order_addr: SocketAddr,
     pub notification_addr: SocketAddr,
+    /// Admin ports (`/metrics`, `/livez`, `/readyz`).
+    pub user_admin: SocketAddr,
+    pub order_admin: SocketAddr,
+    pub notification_admin: SocketAddr,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -61,6 +65,7 @@ impl TestStack {
 
         let user = user_service::Application::build(user_service::Settings {
             grpc_addr: "127.0.0.1:0".to_owned(),
+            admin_addr: "127.0.0.1:0".to_owned(),
             database_url: user_db.url.clone(),
             nats_url: nats.url(),
             auth: user_service::config::AuthSettings {
@@ -72,28 +77,35 @@ impl TestStack {
         })
         .await?;
         let user_addr = user.grpc_addr();
+        let user_admin = user.admin_addr();
+        let user_service = platform::client::ClientSettings::new(format!("http://{user_addr}"));
 
         let order = order_service::Application::build(order_service::Settings {
             grpc_addr: "127.0.0.1:0".to_owned(),
+            admin_addr: "127.0.0.1:0".to_owned(),
             database_url: order_db.url.clone(),
             nats_url: nats.url(),
-            user_service_url: format!("http://{user_addr}"),
+            user_service: user_service.clone(),
             startup_wait_secs: 10,
             ..Default::default()
         })
         .await?;
         let order_addr = order.grpc_addr();
+        let order_admin = order.admin_addr();
 
         let notification =
             notification_service::Application::build(notification_service::Settings {
                 grpc_addr: "127.0.0.1:0".to_owned(),
+                admin_addr: "127.0.0.1:0".to_owned(),
                 database_url: notification_db.url.clone(),
+                user_service,
                 nats_url: nats.url(),
                 startup_wait_secs: 10,
                 ..Default::default()
             })
             .await?;
         let notification_addr = notification.grpc_addr();
+        let notification_admin = notification.admin_addr();
 
         let tasks = vec![
             spawn("user-service", user.run_until_stopped(shutdown.clone())),
@@ -111,6 +123,9 @@ impl TestStack {
             user_addr,
             order_addr,
             notification_addr,
+            user_admin,
+            order_admin,
+            notification_admin,
             shutdown,
             tasks,
         })

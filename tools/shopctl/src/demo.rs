@@ -180,11 +180,14 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let notification = loop {
         let page = notifications
-            .list_notifications(ListNotificationsRequest {
-                user_id: user.id.clone(),
-                page_size: 10,
-                page_token: String::new(),
-            })
+            .list_notifications(authed(
+                &login.access_token,
+                ListNotificationsRequest {
+                    user_id: user.id.clone(),
+                    page_size: 10,
+                    page_token: String::new(),
+                },
+            )?)
             .await
             .context("ListNotifications")?
             .into_inner();

@@ -35,6 +35,9 @@ pub(crate) struct StackFile {
     pub(crate) user_service: String,
     pub(crate) order_service: String,
     pub(crate) notification_service: String,
+    /// Admin endpoints (`/metrics`, `/livez`, `/readyz`) of user, order and
+    /// notification service.
+    pub(crate) admin: [String; 3],
     pub(crate) nats_url: String,
     pub(crate) database_url: String,
     pub(crate) users_database_url: String,
@@ -178,30 +181,30 @@ async fn run(
         bail!("expected three database URLs");
     };
     let key = signing_key(&data_dir.join("signing.key"))?;
-    let ports = [
-        infra::free_port()?,
-        infra::free_port()?,
-        infra::free_port()?,
-    ];
+    // gRPC and admin port of each service.
+    let mut ports = Vec::with_capacity(6);
+    for _ in 0..6 {
+        ports.push(infra::free_port()?);
+    }
     let addr = |port: u16| format!("127.0.0.1:{port}");
     let url = |port: u16| format!("http://127.0.0.1:{port}");
-    let common = |db: &str, port: u16| {
+    let common = |db: &str, grpc: u16, admin: u16| {
         vec![
-            ("APP_GRPC_ADDR", addr(port)),
+            ("APP_GRPC_ADDR", addr(grpc)),
+            ("APP_ADMIN_ADDR", addr(admin)),
             ("APP_DATABASE_URL", db.to_owned()),
             ("APP_NATS_URL", nats_url.clone()),
         ]
     };
-    let mut user_env = common(users_db, ports[0]);
+    let mut user_env = common(users_db, ports[0], ports[3]);
     user_env.push(("APP_AUTH__SIGNING_KEY", key));
-    let mut order_env = common(orders_db, ports[1]);
-    order_env.push(("APP_USER_SERVICE_URL", url(ports[0])));
+    let mut order_env = common(orders_db, ports[1], ports[4]);
+    order_env.push(("APP_USER_SERVICE__URL", url(ports[0])));
+    let mut notification_env = common(notifications_db, ports[2], ports[5]);
+    notification_env.push(("APP_USER_SERVICE__URL", url(ports[0])));
     services.push(spawn_service("user-service", &user_env)?);
     services.push(spawn_service("order-service", &order_env)?);
-    services.push(spawn_service(
-        "notification-service",
-        &common(notifications_db, ports[2]),
-    )?);
+    services.push(spawn_service("notification-service", &notification_env)?);
     for (name, port) in [
         ("user-service", ports[0]),
         ("order-service", ports[1]),
@@ -217,6 +220,7 @@ async fn run(
         user_service: url(ports[0]),
         order_service: url(ports[1]),
         notification_service: url(ports[2]),
+        admin: [url(ports[3]), url(ports[4]), url(ports[5])],
         nats_url: nats_url.clone(),
         database_url: admin_url.clone(),
         users_database_url: users_db.clone(),
@@ -240,6 +244,10 @@ async fn run(
     println!(
         "  notification-service  {}  (gRPC: shop.notification.v1.NotificationService)",
         stack.notification_service
+    );
+    println!(
+        "  admin (metrics, livez, readyz)  users {}  orders {}  notifications {}",
+        stack.admin[0], stack.admin[1], stack.admin[2]
     );
     println!("  nats                  {}", stack.nats_url);
     println!("  postgres              {}", redact(&stack.database_url));

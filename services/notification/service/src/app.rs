@@ -5,21 +5,30 @@ use std::{net::SocketAddr, time::Duration};
 use async_nats::jetstream::consumer::PullConsumer;
 use contracts::notification::v1::notification_service_server::NotificationServiceServer;
 use messaging::{ConsumerSpec, StreamSpec};
-use platform::StartError;
+use platform::{
+    StartError,
+    admin::{AdminServer, Readiness},
+    auth::Authenticator,
+    metrics::Metrics,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService as _;
 
 use crate::{Settings, consumer, grpc::NotificationApi, store::NotificationStore};
 
-/// A built, not yet running notification-service: its port is bound, its
+/// A built, not yet running notification-service: its ports are bound, its
 /// database migrated and its durable consumers declared.
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    admin: AdminServer,
     store: NotificationStore,
+    auth: Authenticator,
     consumers: Vec<PullConsumer>,
+    metrics: Metrics,
+    readiness: Readiness,
 }
 
 fn consumer_spec(
@@ -42,12 +51,12 @@ impl Application {
     /// # Errors
     ///
     /// Fails when Postgres or NATS stay unreachable past the start-up wait,
-    /// a migration fails, or the port is taken.
+    /// a migration fails, or a port is taken.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let wait = Duration::from_secs(settings.startup_wait_secs);
         let pool = platform::db::pool(&settings.database_url, settings.database_max_connections)?;
         platform::db::migrate(&pool, vec![sqlx::migrate!("./migrations")], wait).await?;
-        let (_client, js) =
+        let (nats, js) =
             platform::nats::connect(&settings.nats_url, "notification-service", wait).await?;
         let specs = [
             consumer_spec(&settings, messaging::USERS_STREAM, "users", "user.>"),
@@ -61,12 +70,24 @@ impl Application {
                     .map_err(|e| StartError::Nats(e.to_string()))?,
             );
         }
+        let metrics = Metrics::new();
+        let auth = Authenticator::new(
+            &settings.user_service,
+            Duration::from_secs(settings.token_cache_secs),
+            &metrics,
+        )?;
+        let readiness = Readiness::new().postgres(pool.clone()).nats(nats);
         let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
+        let admin = AdminServer::bind(&settings.admin_addr).await?;
         Ok(Self {
             listener,
             addr,
+            admin,
             store: NotificationStore::new(pool),
+            auth,
             consumers,
+            metrics,
+            readiness,
         })
     }
 
@@ -76,33 +97,37 @@ impl Application {
         self.addr
     }
 
-    /// Serves gRPC and runs the consumers until `shutdown` fires.
+    /// The bound admin address (`/metrics`, `/livez`, `/readyz`).
+    #[must_use]
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr()
+    }
+
+    /// Serves gRPC and the admin port and runs the consumers until
+    /// `shutdown` fires.
     ///
     /// # Errors
     ///
     /// Fails when the gRPC transport fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        tracing::info!(addr = %self.addr, "notification-service serving");
-        let workers: Vec<_> = self
+        tracing::info!(addr = %self.addr, admin = %self.admin.addr(), "notification-service serving");
+        let background = self
             .consumers
             .into_iter()
             .map(|c| tokio::spawn(consumer::run(c, self.store.clone(), shutdown.clone())))
             .collect();
-        let result = platform::grpc::serve(
-            tonic::service::Routes::new(NotificationServiceServer::new(NotificationApi::new(
-                self.store,
-            ))),
-            NotificationServiceServer::<NotificationApi>::NAME,
-            self.listener,
-            shutdown.clone(),
-        )
-        .await;
-        shutdown.cancel();
-        for worker in workers {
-            if let Err(error) = worker.await {
-                tracing::error!(%error, "consumer task failed");
-            }
+        platform::grpc::Service {
+            routes: tonic::service::Routes::new(NotificationServiceServer::new(
+                NotificationApi::new(self.store, self.auth),
+            )),
+            name: NotificationServiceServer::<NotificationApi>::NAME,
+            listener: self.listener,
+            admin: self.admin,
+            metrics: self.metrics,
+            readiness: self.readiness,
+            background,
         }
-        result
+        .run(shutdown)
+        .await
     }
 }

@@ -1,6 +1,7 @@
 //! notification-service settings: defaults overridden by `APP_...` variables.
 
 use messaging::StreamLimits;
+use platform::client::ClientSettings;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,6 +14,12 @@ pub struct Settings {
     /// `APP_NATS_URL`.
     pub nats_url: String,
     pub streams: StreamLimits,
+    /// `APP_ADMIN_ADDR`: `/metrics`, `/livez`, `/readyz`.
+    pub admin_addr: String,
+    /// `APP_USER_SERVICE__URL`, ...: where callers' tokens are validated.
+    pub user_service: ClientSettings,
+    /// `APP_TOKEN_CACHE_SECS`: how long a validated token is trusted.
+    pub token_cache_secs: u64,
     /// Prefix of the durable consumer names (one per subscribed stream).
     pub consumer_prefix: String,
     /// Seconds the server waits for an ack before redelivering.
@@ -31,6 +38,9 @@ impl Default for Settings {
             database_max_connections: 10,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             streams: StreamLimits::default(),
+            admin_addr: "127.0.0.1:9093".to_owned(),
+            user_service: platform::auth::default_user_service(),
+            token_cache_secs: 30,
             consumer_prefix: "notification-service".to_owned(),
             ack_wait_secs: 30,
             max_deliver: 10,

@@ -1,7 +1,10 @@
 //! The `shop.notification.v1.NotificationService` API.
 
 use contracts::notification::v1::{self as pb, notification_service_server::NotificationService};
-use platform::status::{self, FieldViolations};
+use platform::{
+    auth::Authenticator,
+    status::{self, FieldViolations},
+};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -11,12 +14,13 @@ use crate::store::{NotificationRecord, NotificationStore};
 #[derive(Debug, Clone)]
 pub struct NotificationApi {
     store: NotificationStore,
+    auth: Authenticator,
 }
 
 impl NotificationApi {
     #[must_use]
-    pub fn new(store: NotificationStore) -> Self {
-        Self { store }
+    pub fn new(store: NotificationStore, auth: Authenticator) -> Self {
+        Self { store, auth }
     }
 }
 
@@ -44,12 +48,23 @@ impl NotificationService for NotificationApi {
         &self,
         request: Request<pb::ListNotificationsRequest>,
     ) -> Result<Response<pb::ListNotificationsResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
-        let user_id = violations.check(
-            "user_id",
-            Uuid::parse_str(request.user_id.trim()).map_err(|_| "must be a UUID"),
-        );
+        // Empty means the caller; anyone else's list is not theirs to read.
+        let user_id = if request.user_id.trim().is_empty() {
+            Some(caller.user_id)
+        } else {
+            violations.check(
+                "user_id",
+                Uuid::parse_str(request.user_id.trim()).map_err(|_| "must be a UUID"),
+            )
+        };
+        if user_id.is_some_and(|id| id != caller.user_id) {
+            return Err(Status::permission_denied(
+                "user_id: you can only list your own notifications",
+            ));
+        }
         let page_size = match request.page_size {
             0 => Some(DEFAULT_PAGE_SIZE),
             n @ 1..=MAX_PAGE_SIZE => Some(i64::from(n)),

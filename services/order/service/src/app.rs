@@ -1,19 +1,21 @@
 //! Composition root and lifecycle of order-service.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use contracts::order::v1::order_service_server::OrderServiceServer;
-use std::sync::Arc;
-
 use es_postgres::{EventStore, Relay, RelayConfig, projection, tail::TailConfig};
-use platform::StartError;
+use platform::{
+    StartError,
+    admin::{AdminServer, Readiness},
+    auth::Authenticator,
+    metrics::Metrics,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService as _;
 
 use crate::{
     Settings,
-    auth::Authenticator,
     commands::OrderCommands,
     grpc::OrderApi,
     integration::OrderEvents,
@@ -21,23 +23,26 @@ use crate::{
     queries::ReadModels,
 };
 
-/// A built, not yet running order-service: its port is bound, its database
+/// A built, not yet running order-service: its ports are bound, its database
 /// migrated and its stream declared.
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    admin: AdminServer,
     api: OrderApi,
     relay: Relay<OrderEvents>,
     pool: sqlx::PgPool,
     database_url: String,
+    metrics: Metrics,
+    readiness: Readiness,
 }
 
 impl Application {
     /// # Errors
     ///
     /// Fails when Postgres or NATS stay unreachable past the start-up wait,
-    /// a migration fails, a URL is invalid, or the port is taken.
+    /// a migration fails, a URL is invalid, or a port is taken.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let wait = Duration::from_secs(settings.startup_wait_secs);
         let pool = platform::db::pool(&settings.database_url, settings.database_max_connections)?;
@@ -47,8 +52,7 @@ impl Application {
             wait,
         )
         .await?;
-        let (_client, js) =
-            platform::nats::connect(&settings.nats_url, "order-service", wait).await?;
+        let (nats, js) = platform::nats::connect(&settings.nats_url, "order-service", wait).await?;
         messaging::ensure_stream(&js, messaging::ORDERS_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
@@ -58,10 +62,16 @@ impl Application {
             OrderEvents,
             RelayConfig::new("order-events"),
         );
+        let metrics = Metrics::new();
         let auth = Authenticator::new(
-            &settings.user_service_url,
-            Duration::from_millis(settings.user_service_timeout_ms),
+            &settings.user_service,
+            Duration::from_secs(settings.token_cache_secs),
+            &metrics,
         )?;
+        let readiness = Readiness::new()
+            .postgres(pool.clone())
+            .nats(nats)
+            .breaker(auth.breaker().clone());
         let commands = OrderCommands::new(EventStore::new(pool.clone()), settings.snapshot_every);
         let reads = ReadModels::new(
             pool.clone(),
@@ -69,13 +79,17 @@ impl Application {
         );
         let api = OrderApi::new(commands, reads, auth);
         let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
+        let admin = AdminServer::bind(&settings.admin_addr).await?;
         Ok(Self {
             listener,
             addr,
+            admin,
             api,
             relay,
             pool,
             database_url: settings.database_url,
+            metrics,
+            readiness,
         })
     }
 
@@ -85,20 +99,26 @@ impl Application {
         self.addr
     }
 
-    /// Serves gRPC and runs the outbox relay and the projections until
-    /// `shutdown` fires.
+    /// The bound admin address (`/metrics`, `/livez`, `/readyz`).
+    #[must_use]
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr()
+    }
+
+    /// Serves gRPC and the admin port, and runs the outbox relay and the
+    /// projections, until `shutdown` fires.
     ///
     /// # Errors
     ///
     /// Fails when the gRPC transport fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        tracing::info!(addr = %self.addr, "order-service serving");
-        let relay = tokio::spawn(self.relay.run(shutdown.clone()));
+        tracing::info!(addr = %self.addr, admin = %self.admin.addr(), "order-service serving");
         let projection_config = TailConfig {
             poll_interval: Duration::from_millis(250),
             ..TailConfig::default()
         };
-        let projections = [
+        let background = vec![
+            tokio::spawn(self.relay.run(shutdown.clone())),
             tokio::spawn(projection::run(
                 self.pool.clone(),
                 self.database_url.clone(),
@@ -107,29 +127,23 @@ impl Application {
                 shutdown.clone(),
             )),
             tokio::spawn(projection::run(
-                self.pool.clone(),
-                self.database_url.clone(),
+                self.pool,
+                self.database_url,
                 Arc::new(OrdersByUser),
                 projection_config,
                 shutdown.clone(),
             )),
         ];
-        let result = platform::grpc::serve(
-            tonic::service::Routes::new(OrderServiceServer::new(self.api)),
-            OrderServiceServer::<OrderApi>::NAME,
-            self.listener,
-            shutdown.clone(),
-        )
-        .await;
-        shutdown.cancel();
-        if let Err(error) = relay.await {
-            tracing::error!(%error, "outbox relay task failed");
+        platform::grpc::Service {
+            routes: tonic::service::Routes::new(OrderServiceServer::new(self.api)),
+            name: OrderServiceServer::<OrderApi>::NAME,
+            listener: self.listener,
+            admin: self.admin,
+            metrics: self.metrics,
+            readiness: self.readiness,
+            background,
         }
-        for task in projections {
-            if let Err(error) = task.await {
-                tracing::error!(%error, "projection task failed");
-            }
-        }
-        result
+        .run(shutdown)
+        .await
     }
 }

@@ -1,6 +1,7 @@
 //! order-service settings: defaults overridden by `APP_...` variables.
 
 use messaging::StreamLimits;
+use platform::client::ClientSettings;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,10 +14,13 @@ pub struct Settings {
     /// `APP_NATS_URL`.
     pub nats_url: String,
     pub streams: StreamLimits,
-    /// `APP_USER_SERVICE_URL`: where tokens are validated.
-    pub user_service_url: String,
-    /// Deadline of each call to user-service.
-    pub user_service_timeout_ms: u64,
+    /// `APP_ADMIN_ADDR`: `/metrics`, `/livez`, `/readyz`.
+    pub admin_addr: String,
+    /// `APP_USER_SERVICE__URL`, `__TIMEOUT_MS`, `__BREAKER_...`: where and
+    /// how tokens are validated.
+    pub user_service: ClientSettings,
+    /// `APP_TOKEN_CACHE_SECS`: how long a validated token is trusted.
+    pub token_cache_secs: u64,
     /// `APP_SNAPSHOT_EVERY`: store an aggregate snapshot every N events.
     pub snapshot_every: i64,
     /// Longest a query waits for its `min_position` (read-your-writes).
@@ -33,8 +37,9 @@ impl Default for Settings {
             database_max_connections: 10,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             streams: StreamLimits::default(),
-            user_service_url: "http://127.0.0.1:50051".to_owned(),
-            user_service_timeout_ms: 2000,
+            admin_addr: "127.0.0.1:9092".to_owned(),
+            user_service: platform::auth::default_user_service(),
+            token_cache_secs: 30,
             snapshot_every: 50,
             read_your_writes_timeout_ms: 3000,
             startup_wait_secs: 30,

@@ -13,8 +13,9 @@ use platform::status::{self, FieldViolations};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
+use platform::auth::{Authenticator, Caller};
+
 use crate::{
-    auth::{Authenticator, Caller},
     commands::{CommandError, OrderCommands, Outcome, Times},
     history::{self, At, HistoryError},
     projections::{ORDER_SUMMARY, ORDERS_BY_USER},

@@ -1,13 +1,11 @@
 //! order-service: event-sourced orders with CQRS read models.
 //!
 //! Layout: [`config`] (settings), [`app`] (composition and lifecycle),
-//! [`grpc`] (proto <-> domain, `Status` mapping), [`auth`] (token check
-//! against user-service), [`commands`] (load, decide, append), [`queries`]
+//! [`grpc`] (proto <-> domain, `Status` mapping), [`commands`] (load, decide, append), [`queries`]
 //! and [`projections`] (read models), [`history`] (audit trail and time
 //! travel), [`integration`] (`order.*` events for the outbox relay).
 
 pub mod app;
-pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod grpc;

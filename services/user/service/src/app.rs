@@ -4,31 +4,42 @@ use std::{net::SocketAddr, time::Duration};
 
 use contracts::user::v1::user_service_server::UserServiceServer;
 use es_postgres::{Relay, RelayConfig};
-use platform::StartError;
+use platform::{
+    StartError,
+    admin::{AdminServer, Readiness},
+    metrics::Metrics,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService as _;
 
 use crate::{
-    Settings, auth::TokenIssuer, config::AuthSettings, grpc::UserApi, integration::UserEvents,
-    store::UserStore,
+    Settings,
+    auth::TokenIssuer,
+    config::AuthSettings,
+    grpc::UserApi,
+    integration::UserEvents,
+    store::{LoginThrottle, UserStore},
 };
 
-/// A built, not yet running user-service: its port is bound, its database
+/// A built, not yet running user-service: its ports are bound, its database
 /// migrated and its stream declared.
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    admin: AdminServer,
     api: UserApi,
     relay: Relay<UserEvents>,
+    metrics: Metrics,
+    readiness: Readiness,
 }
 
 impl Application {
     /// # Errors
     ///
     /// Fails when Postgres or NATS stay unreachable past the start-up wait,
-    /// a migration fails, the signing key is too short, or the port is taken.
+    /// a migration fails, a signing key is invalid, or a port is taken.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let wait = Duration::from_secs(settings.startup_wait_secs);
         let pool = platform::db::pool(&settings.database_url, settings.database_max_connections)?;
@@ -38,8 +49,7 @@ impl Application {
             wait,
         )
         .await?;
-        let (_client, js) =
-            platform::nats::connect(&settings.nats_url, "user-service", wait).await?;
+        let (nats, js) = platform::nats::connect(&settings.nats_url, "user-service", wait).await?;
         messaging::ensure_stream(&js, messaging::USERS_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
@@ -49,13 +59,25 @@ impl Application {
             UserEvents,
             RelayConfig::new("user-events"),
         );
-        let api = UserApi::new(UserStore::new(pool), token_issuer(&settings.auth)?);
+        let auth = &settings.auth;
+        let throttle = LoginThrottle::new(
+            pool.clone(),
+            auth.max_failed_logins,
+            auth.failed_login_window_secs,
+            auth.lockout_secs,
+        );
+        let api = UserApi::new(UserStore::new(pool.clone()), token_issuer(auth)?, throttle);
+        let readiness = Readiness::new().postgres(pool).nats(nats);
         let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
+        let admin = AdminServer::bind(&settings.admin_addr).await?;
         Ok(Self {
             listener,
             addr,
+            admin,
             api,
             relay,
+            metrics: Metrics::new(),
+            readiness,
         })
     }
 
@@ -65,46 +87,84 @@ impl Application {
         self.addr
     }
 
-    /// Serves gRPC and runs the outbox relay until `shutdown` fires.
+    /// The bound admin address (`/metrics`, `/livez`, `/readyz`).
+    #[must_use]
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr()
+    }
+
+    /// Serves gRPC and the admin port and runs the outbox relay until
+    /// `shutdown` fires.
     ///
     /// # Errors
     ///
     /// Fails when the gRPC transport fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        tracing::info!(addr = %self.addr, "user-service serving");
-        let relay = tokio::spawn(self.relay.run(shutdown.clone()));
-        let result = platform::grpc::serve(
-            tonic::service::Routes::new(UserServiceServer::new(self.api)),
-            UserServiceServer::<UserApi>::NAME,
-            self.listener,
-            shutdown.clone(),
-        )
-        .await;
-        shutdown.cancel();
-        if let Err(error) = relay.await {
-            tracing::error!(%error, "outbox relay task failed");
+        tracing::info!(addr = %self.addr, admin = %self.admin.addr(), "user-service serving");
+        platform::grpc::Service {
+            routes: tonic::service::Routes::new(UserServiceServer::new(self.api)),
+            name: UserServiceServer::<UserApi>::NAME,
+            listener: self.listener,
+            admin: self.admin,
+            metrics: self.metrics,
+            readiness: self.readiness,
+            background: vec![tokio::spawn(self.relay.run(shutdown.clone()))],
         }
-        result
+        .run(shutdown)
+        .await
     }
 }
 
+const MIN_KEY_BYTES: usize = 32;
+
+fn check_key(what: &str, key: &[u8]) -> Result<(), StartError> {
+    if key.len() < MIN_KEY_BYTES {
+        return Err(StartError::Other(format!(
+            "{what} must be at least {MIN_KEY_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The signing key (from the file if one is named, else the variable, else
+/// random) and the older verification keys.
 fn token_issuer(auth: &AuthSettings) -> Result<TokenIssuer, StartError> {
     let ttl = chrono::Duration::seconds(i64::try_from(auth.token_ttl_secs).unwrap_or(3600));
-    let key = auth.signing_key.expose().as_bytes().to_vec();
+    let key = match &auth.signing_key_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| {
+                StartError::Other(format!("reading APP_AUTH__SIGNING_KEY_FILE {path}: {e}"))
+            })?
+            .trim()
+            .as_bytes()
+            .to_vec(),
+        None => auth.signing_key.expose().as_bytes().to_vec(),
+    };
     let key = if key.is_empty() {
         tracing::warn!(
-            "APP_AUTH__SIGNING_KEY is not set: using a random key; tokens die with this process"
+            "no signing key configured: using a random key; tokens die with this process"
         );
         use rand::RngCore as _;
-        let mut key = vec![0u8; 32];
+        let mut key = vec![0u8; MIN_KEY_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut key);
         key
-    } else if key.len() < 32 {
-        return Err(StartError::Other(
-            "APP_AUTH__SIGNING_KEY must be at least 32 bytes".to_owned(),
-        ));
     } else {
+        check_key("the signing key", &key)?;
         key
     };
-    Ok(TokenIssuer::new(&auth.key_id, &key, &auth.issuer, ttl))
+    let mut issuer = TokenIssuer::new(&auth.key_id, &key, &auth.issuer, ttl);
+    for entry in auth
+        .verification_keys
+        .expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let (kid, key) = entry.split_once('=').ok_or_else(|| {
+            StartError::Other("APP_AUTH__VERIFICATION_KEYS must be kid=key,kid=key".to_owned())
+        })?;
+        check_key(&format!("verification key {kid}"), key.as_bytes())?;
+        issuer = issuer.with_verification_key(kid.trim(), key.as_bytes());
+    }
+    Ok(issuer)
 }

@@ -14,6 +14,8 @@ pub struct Settings {
     /// `APP_NATS_URL`.
     pub nats_url: String,
     pub streams: StreamLimits,
+    /// `APP_ADMIN_ADDR`: `/metrics`, `/livez`, `/readyz`.
+    pub admin_addr: String,
     pub auth: AuthSettings,
     /// How long start-up waits for Postgres and NATS.
     pub startup_wait_secs: u64,
@@ -22,13 +24,23 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuthSettings {
     /// `APP_AUTH__SIGNING_KEY`: HMAC-SHA256 key for access tokens, at least
-    /// 32 bytes. Empty means a random key per process (tokens die with it),
-    /// which is only fit for the local stack.
+    /// 32 bytes. Empty (and no file) means a random key per process (tokens
+    /// die with it), which is only fit for the local stack.
     pub signing_key: Secret,
+    /// `APP_AUTH__SIGNING_KEY_FILE`: read the key from this file instead
+    /// (a mounted Kubernetes secret).
+    pub signing_key_file: Option<String>,
     /// `APP_AUTH__KEY_ID`: the `kid` tokens are signed with.
     pub key_id: String,
+    /// `APP_AUTH__VERIFICATION_KEYS`: older keys still accepted while tokens
+    /// signed with them are alive, as `kid=key,kid=key`.
+    pub verification_keys: Secret,
     pub token_ttl_secs: u64,
     pub issuer: String,
+    /// Failed sign-ins for one email, within the window, before it is locked.
+    pub max_failed_logins: u32,
+    pub failed_login_window_secs: u64,
+    pub lockout_secs: u64,
 }
 
 impl Default for Settings {
@@ -39,11 +51,17 @@ impl Default for Settings {
             database_max_connections: 10,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             streams: StreamLimits::default(),
+            admin_addr: "127.0.0.1:9091".to_owned(),
             auth: AuthSettings {
                 signing_key: Secret::default(),
+                signing_key_file: None,
                 key_id: "k1".to_owned(),
+                verification_keys: Secret::default(),
                 token_ttl_secs: 3600,
                 issuer: "shop.user-service".to_owned(),
+                max_failed_logins: 5,
+                failed_login_window_secs: 900,
+                lockout_secs: 900,
             },
             startup_wait_secs: 30,
         }

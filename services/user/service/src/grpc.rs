@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::{
     auth::{self, TokenIssuer},
-    store::{StoreError, UserRecord, UserStore},
+    store::{LoginThrottle, StoreError, UserRecord, UserStore},
 };
 
 /// Handlers of `UserService`.
@@ -19,12 +19,17 @@ use crate::{
 pub struct UserApi {
     store: UserStore,
     tokens: TokenIssuer,
+    throttle: LoginThrottle,
 }
 
 impl UserApi {
     #[must_use]
-    pub fn new(store: UserStore, tokens: TokenIssuer) -> Self {
-        Self { store, tokens }
+    pub fn new(store: UserStore, tokens: TokenIssuer, throttle: LoginThrottle) -> Self {
+        Self {
+            store,
+            tokens,
+            throttle,
+        }
     }
 }
 
@@ -99,8 +104,26 @@ impl UserService for UserApi {
             violations.add("password", "is required");
         }
         violations.into_result()?;
+        // Throttled per email as typed (normalized), known or not: the answer
+        // never tells whether an account exists.
+        let parsed = Email::parse(&request.email);
+        let throttle_key = parsed.as_ref().map_or_else(
+            |_| request.email.trim().to_lowercase(),
+            |e| e.as_str().to_owned(),
+        );
+        if let Some(until) = self
+            .throttle
+            .locked_until(&throttle_key)
+            .await
+            .map_err(|e| status::from_sqlx(&e))?
+        {
+            let wait = (until - Utc::now()).num_seconds().max(1);
+            return Err(Status::resource_exhausted(format!(
+                "too many failed sign-ins for this email; retry in {wait} s"
+            )));
+        }
         // A malformed email cannot belong to anyone: same answer as unknown.
-        let user = match Email::parse(&request.email) {
+        let user = match parsed {
             Ok(email) => self
                 .store
                 .find_by_email(&email)
@@ -112,8 +135,16 @@ impl UserService for UserApi {
         let password = request.password;
         let ok = blocking(move || auth::verify_password(&password, stored_hash.as_deref())).await?;
         let Some(user) = user.filter(|_| ok) else {
+            self.throttle
+                .record_failure(&throttle_key)
+                .await
+                .map_err(|e| status::from_sqlx(&e))?;
             return Err(Status::unauthenticated(BAD_CREDENTIALS));
         };
+        self.throttle
+            .reset(&throttle_key)
+            .await
+            .map_err(|e| status::from_sqlx(&e))?;
         let (token, claims) = self.tokens.issue(user.id, &user.email, Utc::now());
         Ok(Response::new(pb::AuthenticateResponse {
             access_token: token,

@@ -117,3 +117,78 @@ fn record(row: &sqlx::postgres::PgRow) -> Result<UserRecord, sqlx::Error> {
         created_at: row.try_get("created_at")?,
     })
 }
+
+/// Throttling of failed sign-ins per email.
+#[derive(Debug, Clone)]
+pub struct LoginThrottle {
+    pool: PgPool,
+    max_failures: i32,
+    window: chrono::Duration,
+    lockout: chrono::Duration,
+}
+
+impl LoginThrottle {
+    #[must_use]
+    pub fn new(pool: PgPool, max_failures: u32, window_secs: u64, lockout_secs: u64) -> Self {
+        let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
+        Self {
+            pool,
+            max_failures: i32::try_from(max_failures.max(1)).unwrap_or(i32::MAX),
+            window: secs(window_secs),
+            lockout: secs(lockout_secs),
+        }
+    }
+
+    /// When the lock on `email` ends, if it is locked now.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn locked_until(&self, email: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        let until: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+            "SELECT locked_until FROM login_throttle WHERE email = $1 AND locked_until > now()",
+        )
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(until.flatten())
+    }
+
+    /// Counts a failure (a new window if the last one is over) and locks the
+    /// email when the count reaches the limit.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn record_failure(&self, email: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO login_throttle AS t (email, failures, window_started, locked_until) \
+             VALUES ($1, 1, now(), CASE WHEN $3 <= 1 THEN now() + $4 END) \
+             ON CONFLICT (email) DO UPDATE SET \
+               failures = CASE WHEN t.window_started < now() - $2 THEN 1 ELSE t.failures + 1 END, \
+               window_started = CASE WHEN t.window_started < now() - $2 THEN now() ELSE t.window_started END, \
+               locked_until = CASE WHEN t.window_started >= now() - $2 AND t.failures + 1 >= $3 \
+                                   THEN now() + $4 ELSE t.locked_until END",
+        )
+        .bind(email)
+        .bind(self.window)
+        .bind(self.max_failures)
+        .bind(self.lockout)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets failures after a successful sign-in.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn reset(&self, email: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM login_throttle WHERE email = $1")
+            .bind(email)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

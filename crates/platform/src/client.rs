@@ -1,0 +1,206 @@
+//! The client stack for calls between services: a deadline on every call
+//! (the caller's remaining deadline, passed on), retries of retryable codes
+//! only, with capped jittered backoff inside a retry budget, all behind a
+//! circuit breaker per downstream.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use resilience::{Backoff, BreakerConfig, CircuitBreaker, Outcome, RetryBudget};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use crate::metrics::Metrics;
+
+/// Settings of the client of one downstream (`APP_<DOWNSTREAM>__...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientSettings {
+    /// e.g. `http://127.0.0.1:50051`.
+    pub url: String,
+    /// Deadline of a whole call, retries included, when the caller gave none.
+    pub timeout_ms: u64,
+    /// Deadline of one attempt.
+    pub per_try_timeout_ms: u64,
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Retries allowed per 100 calls (beyond a small reserve).
+    pub retry_budget_percent: u32,
+    pub breaker_failure_threshold: u32,
+    pub breaker_open_ms: u64,
+    pub breaker_half_open_max_calls: u32,
+    pub breaker_success_threshold: u32,
+    pub breaker_trial_timeout_ms: u64,
+}
+
+impl ClientSettings {
+    /// Defaults for a downstream at `url`.
+    #[must_use]
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            timeout_ms: 2000,
+            per_try_timeout_ms: 800,
+            max_attempts: 3,
+            backoff_base_ms: 25,
+            backoff_max_ms: 400,
+            retry_budget_percent: 10,
+            breaker_failure_threshold: 5,
+            breaker_open_ms: 5000,
+            breaker_half_open_max_calls: 1,
+            breaker_success_threshold: 1,
+            breaker_trial_timeout_ms: 500,
+        }
+    }
+}
+
+/// Whether a failed attempt may be retried.
+#[must_use]
+pub fn retryable(code: Code, idempotent: bool) -> bool {
+    match code {
+        Code::Unavailable => true,
+        Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted => idempotent,
+        _ => false,
+    }
+}
+
+/// Whether the downstream is sick (counts against the breaker). Client
+/// errors such as NOT_FOUND or UNAUTHENTICATED mean it is working.
+#[must_use]
+pub fn is_failure(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Internal
+            | Code::Unknown
+            | Code::ResourceExhausted
+    )
+}
+
+/// The policy around every call to one downstream.
+#[derive(Debug, Clone)]
+pub struct CallPolicy {
+    downstream: String,
+    timeout: Duration,
+    per_try_timeout: Duration,
+    max_attempts: u32,
+    backoff: Backoff,
+    budget: Arc<RetryBudget>,
+    breaker: Arc<CircuitBreaker>,
+}
+
+impl CallPolicy {
+    /// Builds the policy; the breaker's state goes to `metrics` on every
+    /// transition.
+    #[must_use]
+    pub fn new(downstream: &str, settings: &ClientSettings, metrics: &Metrics) -> Self {
+        let ms = Duration::from_millis;
+        let gauge = metrics.clone();
+        gauge.set_breaker_state(downstream, resilience::State::Closed);
+        let breaker = CircuitBreaker::new(
+            downstream,
+            BreakerConfig {
+                failure_threshold: settings.breaker_failure_threshold.max(1),
+                open_for: ms(settings.breaker_open_ms),
+                half_open_max_calls: settings.breaker_half_open_max_calls.max(1),
+                success_threshold: settings.breaker_success_threshold.max(1),
+                trial_timeout: ms(settings.breaker_trial_timeout_ms),
+            },
+        )
+        .on_transition(move |name, _, to| gauge.set_breaker_state(name, to));
+        Self {
+            downstream: downstream.to_owned(),
+            timeout: ms(settings.timeout_ms),
+            per_try_timeout: ms(settings.per_try_timeout_ms),
+            max_attempts: settings.max_attempts.max(1),
+            backoff: Backoff::new(ms(settings.backoff_base_ms), ms(settings.backoff_max_ms)),
+            budget: Arc::new(RetryBudget::new(settings.retry_budget_percent, 10, 100)),
+            breaker: Arc::new(breaker),
+        }
+    }
+
+    #[must_use]
+    pub fn breaker(&self) -> &Arc<CircuitBreaker> {
+        &self.breaker
+    }
+
+    /// Runs `attempt(timeout)` under the policy. `attempt` must send its
+    /// request with that timeout (tonic's `Request::set_timeout`), so the
+    /// downstream sees the remaining deadline. `caller_deadline` is the
+    /// deadline of the request being served, if it had one: the call never
+    /// outlives it.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's status; UNAVAILABLE when the breaker is open;
+    /// DEADLINE_EXCEEDED when no time is left.
+    pub async fn call<T, F, Fut>(
+        &self,
+        caller_deadline: Option<Instant>,
+        idempotent: bool,
+        mut attempt: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let own = Instant::now() + self.timeout;
+        let deadline = caller_deadline.map_or(own, |d| d.min(own));
+        self.budget.deposit();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Status::deadline_exceeded(format!(
+                    "no time left to call {}",
+                    self.downstream
+                )));
+            }
+            let permit = self.breaker.try_acquire().map_err(|open| {
+                Status::unavailable(format!(
+                    "{} is unavailable (circuit open{})",
+                    self.downstream,
+                    open.retry_after
+                        .map(|d| format!(", retry in {} ms", d.as_millis()))
+                        .unwrap_or_default()
+                ))
+            })?;
+            let timeout = permit
+                .timeout
+                .unwrap_or(self.per_try_timeout)
+                .min(remaining);
+            let result = match tokio::time::timeout(timeout, attempt(timeout)).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "{} did not answer in time",
+                    self.downstream
+                ))),
+            };
+            let failed = matches!(&result, Err(status) if is_failure(status.code()));
+            self.breaker.record(
+                permit,
+                if failed {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                },
+            );
+            let status = match result {
+                Ok(value) => return Ok(value),
+                Err(status) => status,
+            };
+            if tries >= self.max_attempts || !retryable(status.code(), idempotent) {
+                return Err(status);
+            }
+            let delay = self.backoff.delay(tries - 1);
+            if Instant::now() + delay >= deadline || !self.budget.try_withdraw() {
+                return Err(status);
+            }
+            tracing::debug!(downstream = %self.downstream, code = ?status.code(), ?delay, "retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
