@@ -160,3 +160,168 @@ async fn authentication_gives_a_token_that_validates_and_refuses_bad_credentials
     stack.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_expired_token_is_refused_everywhere() -> anyhow::Result<()> {
+    let stack = TestStack::start_with(|auth| auth.token_ttl_secs = 1).await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let mut users = stack.users().await?;
+    let validate = |t: &str| ValidateTokenRequest {
+        access_token: t.to_owned(),
+    };
+    users.validate_token(validate(&token)).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let expired = users
+        .validate_token(validate(&token))
+        .await
+        .expect_err("expired");
+    assert_eq!(expired.code(), Code::Unauthenticated);
+    assert!(
+        expired.message().contains("expired"),
+        "{}",
+        expired.message()
+    );
+    let mut orders = stack.orders().await?;
+    assert_rejected(
+        orders
+            .create_order(testkit::bearer(
+                &token,
+                crate::order_api::order(vec![crate::order_api::item("A", 1, 1)]),
+            ))
+            .await,
+        Code::Unauthenticated,
+        None,
+    );
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn repeated_failures_lock_an_email_for_a_while_known_or_not() -> anyhow::Result<()> {
+    let stack = TestStack::start_with(|auth| {
+        auth.max_failed_logins = 3;
+        auth.lockout_secs = 2;
+    })
+    .await?;
+    let mut users = stack.users().await?;
+    users
+        .create_user(CreateUserRequest {
+            email: "locked@example.com".to_owned(),
+            password: "right password".to_owned(),
+        })
+        .await?;
+    let auth = |email: &str, password: &str| AuthenticateRequest {
+        email: email.to_owned(),
+        password: password.to_owned(),
+    };
+    for email in ["locked@example.com", "ghost@example.com"] {
+        for _ in 0..3 {
+            assert_rejected(
+                users.authenticate(auth(email, "wrong password")).await,
+                Code::Unauthenticated,
+                None,
+            );
+        }
+        let throttled = users
+            .authenticate(auth(email, "right password"))
+            .await
+            .expect_err("locked");
+        assert_eq!(throttled.code(), Code::ResourceExhausted, "{email}");
+        assert!(
+            throttled.message().contains("retry in"),
+            "{}",
+            throttled.message()
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    users
+        .authenticate(auth("LOCKED@example.com", "right password"))
+        .await?;
+    // Success resets the count: two more failures do not lock it again.
+    for _ in 0..2 {
+        assert_rejected(
+            users
+                .authenticate(auth("locked@example.com", "nope nope"))
+                .await,
+            Code::Unauthenticated,
+            None,
+        );
+    }
+    users
+        .authenticate(auth("locked@example.com", "right password"))
+        .await?;
+    stack.stop().await;
+    Ok(())
+}
+
+/// Tokens signed with a retired key keep working while that key is listed
+/// for verification, and stop when it is removed.
+#[tokio::test]
+async fn signing_keys_rotate_without_logging_anyone_out() -> anyhow::Result<()> {
+    testkit::init_logging();
+    let nats = testkit::NatsServer::start().await?;
+    let db = testkit::TestDb::create("rotation").await?;
+    let old_key = "old-key-old-key-old-key-old-key-!";
+    let new_key = "new-key-new-key-new-key-new-key-!";
+    let start = |key_id: &str, key: &str, verification: &str| {
+        let settings = user_service::Settings {
+            grpc_addr: "127.0.0.1:0".to_owned(),
+            admin_addr: "127.0.0.1:0".to_owned(),
+            database_url: db.url.clone(),
+            nats_url: nats.url(),
+            auth: user_service::config::AuthSettings {
+                signing_key: platform::config::Secret::new(key),
+                key_id: key_id.to_owned(),
+                verification_keys: platform::config::Secret::new(verification),
+                ..user_service::Settings::default().auth
+            },
+            ..Default::default()
+        };
+        async move {
+            let app = user_service::Application::build(settings).await?;
+            let addr = app.grpc_addr();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+            let client = contracts::user::v1::user_service_client::UserServiceClient::connect(
+                format!("http://{addr}"),
+            )
+            .await?;
+            anyhow::Ok((client, stop, task))
+        }
+    };
+    let (mut first, stop, task) = start("k1", old_key, "").await?;
+    first
+        .create_user(CreateUserRequest {
+            email: "rotate@example.com".to_owned(),
+            password: "long enough pw".to_owned(),
+        })
+        .await?;
+    let token = first
+        .authenticate(AuthenticateRequest {
+            email: "rotate@example.com".to_owned(),
+            password: "long enough pw".to_owned(),
+        })
+        .await?
+        .into_inner()
+        .access_token;
+    stop.cancel();
+    task.await??;
+
+    let validate = || ValidateTokenRequest {
+        access_token: token.clone(),
+    };
+    let (mut rotated, stop, task) = start("k2", new_key, &format!("k1={old_key}")).await?;
+    rotated.validate_token(validate()).await?;
+    stop.cancel();
+    task.await??;
+
+    let (mut retired, stop, task) = start("k2", new_key, "").await?;
+    assert_rejected(
+        retired.validate_token(validate()).await,
+        Code::Unauthenticated,
+        None,
+    );
+    stop.cancel();
+    task.await??;
+    Ok(())
+}

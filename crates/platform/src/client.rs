@@ -55,18 +55,27 @@ impl ClientSettings {
     }
 }
 
-/// Whether a failed attempt may be retried.
+/// Whether a failed attempt may be retried. UNAVAILABLE always (the call
+/// did not run); the rest only for idempotent methods. A connection reset
+/// mid-call surfaces from tonic as UNKNOWN ("transport error") or CANCELLED,
+/// so those count as retryable transport failures too.
 #[must_use]
 pub fn retryable(code: Code, idempotent: bool) -> bool {
     match code {
         Code::Unavailable => true,
-        Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted => idempotent,
+        Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Unknown
+        | Code::Cancelled => idempotent,
         _ => false,
     }
 }
 
 /// Whether the downstream is sick (counts against the breaker). Client
-/// errors such as NOT_FOUND or UNAUTHENTICATED mean it is working.
+/// errors such as NOT_FOUND or UNAUTHENTICATED mean it is working. We never
+/// cancel our own calls (a timeout is DEADLINE_EXCEEDED), so CANCELLED means
+/// the connection went away.
 #[must_use]
 pub fn is_failure(code: Code) -> bool {
     matches!(
@@ -75,6 +84,7 @@ pub fn is_failure(code: Code) -> bool {
             | Code::DeadlineExceeded
             | Code::Internal
             | Code::Unknown
+            | Code::Cancelled
             | Code::ResourceExhausted
     )
 }
@@ -202,5 +212,152 @@ impl CallPolicy {
             tracing::debug!(downstream = %self.downstream, code = ?status.code(), ?delay, "retrying");
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use super::*;
+
+    fn settings() -> ClientSettings {
+        ClientSettings {
+            timeout_ms: 10_000,
+            per_try_timeout_ms: 1000,
+            max_attempts: 4,
+            backoff_base_ms: 100,
+            backoff_max_ms: 300,
+            breaker_failure_threshold: 100,
+            ..ClientSettings::new("http://unused")
+        }
+    }
+
+    /// Calls with every attempt answering `code`; returns the attempt count,
+    /// the instants of the attempts and the result code.
+    async fn run(policy: &CallPolicy, idempotent: bool, code: Code) -> (u32, Vec<Instant>, Code) {
+        let attempts = Arc::new(AtomicU32::new(0));
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let (a, t) = (attempts.clone(), times.clone());
+        let result: Result<(), Status> = policy
+            .call(None, idempotent, move |_| {
+                a.fetch_add(1, Ordering::SeqCst);
+                t.lock().expect("lock").push(Instant::now());
+                async move { Err(Status::new(code, "no")) }
+            })
+            .await;
+        let times = times.lock().expect("lock").clone();
+        (
+            attempts.load(Ordering::SeqCst),
+            times,
+            result.expect_err("fails").code(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unavailable_is_retried_with_capped_jittered_gaps() {
+        let policy = CallPolicy::new("down", &settings(), &Metrics::new());
+        let (attempts, times, code) = run(&policy, false, Code::Unavailable).await;
+        assert_eq!((attempts, code), (4, Code::Unavailable));
+        let gaps: Vec<_> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        for (n, gap) in gaps.iter().enumerate() {
+            let ceiling = Backoff::new(Duration::from_millis(100), Duration::from_millis(300))
+                .ceiling(n as u32);
+            assert!(*gap <= ceiling, "gap {n} = {gap:?} exceeds {ceiling:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_retryable_codes_are_retried() {
+        let policy = CallPolicy::new("down", &settings(), &Metrics::new());
+        assert_eq!(run(&policy, true, Code::InvalidArgument).await.0, 1);
+        assert_eq!(run(&policy, true, Code::Unauthenticated).await.0, 1);
+        assert_eq!(
+            run(&policy, false, Code::DeadlineExceeded).await.0,
+            1,
+            "not idempotent"
+        );
+        assert_eq!(
+            run(&policy, true, Code::DeadlineExceeded).await.0,
+            4,
+            "idempotent"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_budget_caps_retries_under_sustained_failure() {
+        let never_opens = ClientSettings {
+            breaker_failure_threshold: u32::MAX,
+            ..settings()
+        };
+        let policy = CallPolicy::new("down", &never_opens, &Metrics::new());
+        let mut attempts = 0;
+        for _ in 0..200 {
+            attempts += run(&policy, false, Code::Unavailable).await.0;
+        }
+        let retries = attempts - 200;
+        // 10 in reserve + 10 % of 200 calls.
+        assert!(retries <= 30, "{retries} retries for 200 calls");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_get_what_is_left_of_the_callers_deadline() {
+        let policy = CallPolicy::new("slow", &settings(), &Metrics::new());
+        let given = Arc::new(Mutex::new(Vec::new()));
+        let g = given.clone();
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let result: Result<(), Status> = policy
+            .call(Some(deadline), true, move |timeout| {
+                g.lock().expect("lock").push(timeout);
+                async move {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok(())
+                }
+            })
+            .await;
+        assert_eq!(
+            result.expect_err("times out").code(),
+            Code::DeadlineExceeded
+        );
+        let given = given.lock().expect("lock").clone();
+        assert_eq!(given[0], Duration::from_secs(1), "per-try cap");
+        assert!(
+            given
+                .iter()
+                .skip(1)
+                .all(|t| *t < Duration::from_millis(500)),
+            "{given:?}"
+        );
+        assert!(
+            Instant::now() <= deadline + Duration::from_millis(1),
+            "never past the caller's deadline"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_fails_fast_without_calling() {
+        let policy = CallPolicy::new(
+            "down",
+            &ClientSettings {
+                max_attempts: 1,
+                breaker_failure_threshold: 3,
+                breaker_open_ms: 1000,
+                ..settings()
+            },
+            &Metrics::new(),
+        );
+        for _ in 0..3 {
+            assert_eq!(run(&policy, false, Code::Unavailable).await.0, 1);
+        }
+        assert_eq!(policy.breaker().state(), resilience::State::Open);
+        let (attempts, _, code) = run(&policy, false, Code::Unavailable).await;
+        assert_eq!((attempts, code), (0, Code::Unavailable));
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        let result: Result<(), Status> = policy.call(None, false, |_| async { Ok(()) }).await;
+        assert!(result.is_ok());
+        assert_eq!(policy.breaker().state(), resilience::State::Closed);
     }
 }

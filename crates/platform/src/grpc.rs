@@ -78,6 +78,7 @@ pub async fn serve(
             .await;
     };
     tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn(|inner| DeadlineLog { inner }))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), stopping)
         .await
@@ -121,7 +122,13 @@ pub fn traceparent(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
 /// while serving it pass on what remains.
 #[must_use]
 pub fn incoming_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
+    Some(tokio::time::Instant::now() + timeout)
+}
+
+/// Parses a `grpc-timeout` header value.
+#[must_use]
+pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = digits.parse().ok()?;
     let timeout = match unit {
@@ -133,8 +140,7 @@ pub fn incoming_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<toki
         "n" => std::time::Duration::from_nanos(amount),
         _ => return None,
     };
-    tracing::debug!(target: "shop::deadline", remaining_ms = timeout.as_millis() as u64, "incoming deadline");
-    Some(tokio::time::Instant::now() + timeout)
+    Some(timeout)
 }
 
 /// Everything one service runs, driven by one shutdown token.
@@ -172,5 +178,46 @@ impl Service {
             }
         }
         result
+    }
+}
+
+/// Logs (target `shop::deadline`, level debug) the deadline each incoming
+/// call arrived with, so an operator can see deadlines shrink hop by hop.
+#[derive(Debug, Clone)]
+struct DeadlineLog<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for DeadlineLog<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(value) = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+        {
+            let remaining_ms = parse_grpc_timeout(value).map(|d| d.as_millis());
+            tracing::debug!(
+                target: "shop::deadline",
+                method = request.uri().path(),
+                grpc_timeout = value,
+                remaining_ms = remaining_ms.map(|ms| u64::try_from(ms).unwrap_or(u64::MAX)),
+                "incoming deadline"
+            );
+        }
+        self.inner.call(request)
     }
 }

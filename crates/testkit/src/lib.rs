@@ -6,14 +6,18 @@
 //!   port, that the test can stop and start again.
 //! - [`TestStack`]: the three services in-process on port 0, wired to those,
 //!   with typed clients.
+//! - [`TcpProxy`]: a proxy between a service and its peer that counts what
+//!   reaches the peer.
 
 mod nats;
 mod pg;
+mod proxy;
 mod stack;
 
 pub use nats::NatsServer;
 pub use pg::TestDb;
-pub use stack::{TestStack, bearer};
+pub use proxy::TcpProxy;
+pub use stack::{TEST_SIGNING_KEY, TestStack, bearer};
 
 /// Installs test logging once (`RUST_LOG` to see service logs).
 pub fn init_logging() {

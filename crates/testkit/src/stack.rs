@@ -34,7 +34,7 @@ pub struct TestStack {
 }
 
 /// A fixed, test-only signing key (32 bytes).
-const TEST_SIGNING_KEY: &str = "test-signing-key-test-signing-key";
+pub const TEST_SIGNING_KEY: &str = "test-signing-key-test-signing-key";
 
 fn spawn<F>(name: &'static str, run: F) -> JoinHandle<()>
 where
@@ -54,7 +54,24 @@ impl TestStack {
     ///
     /// When Postgres or nats-server are not available, or a service fails to start.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`Self::start`], after `configure` adjusted user-service's
+    /// authentication settings (token lifetime, throttling, keys).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::start`].
+    pub async fn start_with(
+        configure: impl FnOnce(&mut user_service::config::AuthSettings),
+    ) -> anyhow::Result<Self> {
         crate::init_logging();
+        let mut auth = user_service::config::AuthSettings {
+            signing_key: platform::config::Secret::new(TEST_SIGNING_KEY),
+            ..user_service::Settings::default().auth
+        };
+        configure(&mut auth);
         let nats = NatsServer::start().await?;
         let (user_db, order_db, notification_db) = tokio::try_join!(
             TestDb::create("users"),
@@ -68,10 +85,7 @@ impl TestStack {
             admin_addr: "127.0.0.1:0".to_owned(),
             database_url: user_db.url.clone(),
             nats_url: nats.url(),
-            auth: user_service::config::AuthSettings {
-                signing_key: platform::config::Secret::new(TEST_SIGNING_KEY),
-                ..user_service::Settings::default().auth
-            },
+            auth,
             startup_wait_secs: 10,
             ..Default::default()
         })

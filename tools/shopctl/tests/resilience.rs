@@ -1,0 +1,324 @@
+//! Resilience between real service processes (`shopctl serve ...`): the
+//! circuit breaker in front of user-service opens when it dies and closes
+//! when it returns, and deadlines shrink hop by hop.
+
+use std::{
+    io::Read as _,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use contracts::{
+    order::v1::{
+        CreateOrderRequest, OrderItem, ShippingAddress, order_service_client::OrderServiceClient,
+    },
+    user::v1::{AuthenticateRequest, CreateUserRequest, user_service_client::UserServiceClient},
+};
+use testkit::{NatsServer, TcpProxy, TestDb, bearer, eventually, free_port};
+use tonic::{Code, transport::Channel};
+
+/// A service process that is killed on drop.
+struct Process {
+    child: Child,
+}
+
+impl Process {
+    fn spawn(service: &str, env: &[(&str, String)], log: &PathBuf) -> anyhow::Result<Self> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shopctl"));
+        command
+            .args(["serve", service])
+            .env("APP_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,shop::deadline=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        Ok(Self {
+            child: command.spawn()?,
+        })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Env {
+    _nats: NatsServer,
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    users_env: Vec<(&'static str, String)>,
+    orders_env: Vec<(&'static str, String)>,
+    user_addr: SocketAddr,
+    order_addr: SocketAddr,
+    order_admin: SocketAddr,
+}
+
+async fn env(order_settings: &[(&'static str, &str)]) -> anyhow::Result<(Env, TcpProxy)> {
+    let nats = NatsServer::start().await?;
+    let (users, orders) =
+        tokio::try_join!(TestDb::create("rz_users"), TestDb::create("rz_orders"))?;
+    let dir = tempfile::tempdir()?;
+    let user_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let order_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let order_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let proxy = TcpProxy::start(user_addr).await?;
+    let users_env = vec![
+        ("APP_GRPC_ADDR", user_addr.to_string()),
+        ("APP_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
+        ("APP_DATABASE_URL", users.url.clone()),
+        ("APP_NATS_URL", nats.url()),
+        (
+            "APP_AUTH__SIGNING_KEY",
+            testkit::TEST_SIGNING_KEY.to_owned(),
+        ),
+    ];
+    let mut orders_env = vec![
+        ("APP_GRPC_ADDR", order_addr.to_string()),
+        ("APP_ADMIN_ADDR", order_admin.to_string()),
+        ("APP_DATABASE_URL", orders.url.clone()),
+        ("APP_NATS_URL", nats.url()),
+        ("APP_USER_SERVICE__URL", format!("http://{}", proxy.addr())),
+        ("APP_TOKEN_CACHE_SECS", "0".to_owned()),
+    ];
+    orders_env.extend(order_settings.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let path = dir.path().to_path_buf();
+    Ok((
+        Env {
+            _nats: nats,
+            _dir: dir,
+            dir: path,
+            users_env,
+            orders_env,
+            user_addr,
+            order_addr,
+            order_admin,
+        },
+        proxy,
+    ))
+}
+
+async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    eventually(
+        &format!("{addr} to accept"),
+        Duration::from_secs(60),
+        || async move {
+            Channel::from_shared(format!("http://{addr}"))
+                .ok()?
+                .connect()
+                .await
+                .ok()
+        },
+    )
+    .await
+}
+
+async fn sign_up(users: &mut UserServiceClient<Channel>) -> anyhow::Result<String> {
+    let email = format!("rz-{}@example.com", uuid::Uuid::new_v4().simple());
+    users
+        .create_user(CreateUserRequest {
+            email: email.clone(),
+            password: "long enough pw".to_owned(),
+        })
+        .await?;
+    Ok(users
+        .authenticate(AuthenticateRequest {
+            email,
+            password: "long enough pw".to_owned(),
+        })
+        .await?
+        .into_inner()
+        .access_token)
+}
+
+fn order() -> CreateOrderRequest {
+    CreateOrderRequest {
+        items: vec![OrderItem {
+            sku: "A".to_owned(),
+            quantity: 1,
+            unit_price_minor: 100,
+        }],
+        currency: "EUR".to_owned(),
+        idempotency_key: String::new(),
+        shipping_address: Some(ShippingAddress {
+            name: "Ada".to_owned(),
+            line1: "1 Main St".to_owned(),
+            line2: String::new(),
+            city: "Berlin".to_owned(),
+            postal_code: "10115".to_owned(),
+            country: "DE".to_owned(),
+        }),
+    }
+}
+
+/// A plain HTTP GET against an admin port: (status, body).
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    Ok((status, response))
+}
+
+async fn breaker_state(admin: SocketAddr) -> anyhow::Result<Option<u8>> {
+    let (_, body) = get(admin, "/metrics").await?;
+    Ok(body
+        .lines()
+        .find(|l| l.starts_with("shop_circuit_breaker_state{downstream=\"user-service\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok()))
+}
+
+#[tokio::test]
+async fn the_breaker_opens_when_user_service_dies_and_closes_when_it_returns() -> anyhow::Result<()>
+{
+    let (env, proxy) = env(&[
+        ("APP_USER_SERVICE__TIMEOUT_MS", "1000"),
+        ("APP_USER_SERVICE__PER_TRY_TIMEOUT_MS", "400"),
+        ("APP_USER_SERVICE__BREAKER_FAILURE_THRESHOLD", "3"),
+        ("APP_USER_SERVICE__BREAKER_OPEN_MS", "1500"),
+        ("APP_USER_SERVICE__BREAKER_TRIAL_TIMEOUT_MS", "1000"),
+    ])
+    .await?;
+    let user_log = env.dir.join("user.log");
+    let mut user_service = Process::spawn("user-service", &env.users_env, &user_log)?;
+    let _order_service =
+        Process::spawn("order-service", &env.orders_env, &env.dir.join("order.log"))?;
+    let mut users = UserServiceClient::new(channel(env.user_addr).await?);
+    let mut orders = OrderServiceClient::new(channel(env.order_addr).await?);
+    let token = sign_up(&mut users).await?;
+    orders.create_order(bearer(&token, order())).await?;
+    assert_eq!(breaker_state(env.order_admin).await?, Some(0));
+
+    user_service.kill();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let status = orders
+            .create_order(bearer(&token, order()))
+            .await
+            .expect_err("user-service is down");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "within the 1 s deadline: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(breaker_state(env.order_admin).await?, Some(1), "open");
+    let (status, body) = get(env.order_admin, "/readyz").await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("circuit breaker to user-service is open"),
+        "{body}"
+    );
+    assert_eq!(
+        get(env.order_admin, "/livez").await?.0,
+        200,
+        "liveness is process-local"
+    );
+
+    let reached = proxy.connections();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let status = orders
+            .create_order(bearer(&token, order()))
+            .await
+            .expect_err("breaker open");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("circuit open"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "fails fast: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(
+        proxy.connections(),
+        reached,
+        "no call reached the dead address while open"
+    );
+
+    let _user_service = Process::spawn("user-service", &env.users_env, &env.dir.join("user2.log"))?;
+    channel(env.user_addr).await?;
+    let placed = eventually("an order to succeed again", Duration::from_secs(20), || {
+        let mut orders = orders.clone();
+        let request = bearer(&token, order());
+        async move { orders.create_order(request).await.ok() }
+    })
+    .await?;
+    assert!(placed.into_inner().order.is_some());
+    assert_eq!(
+        breaker_state(env.order_admin).await?,
+        Some(0),
+        "closed again"
+    );
+    assert_eq!(get(env.order_admin, "/readyz").await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_callers_deadline_reaches_user_service_reduced() -> anyhow::Result<()> {
+    let (env, _proxy) = env(&[
+        ("APP_USER_SERVICE__TIMEOUT_MS", "10000"),
+        ("APP_USER_SERVICE__PER_TRY_TIMEOUT_MS", "10000"),
+    ])
+    .await?;
+    let user_log = env.dir.join("user.log");
+    let _user_service = Process::spawn("user-service", &env.users_env, &user_log)?;
+    let _order_service =
+        Process::spawn("order-service", &env.orders_env, &env.dir.join("order.log"))?;
+    let mut users = UserServiceClient::new(channel(env.user_addr).await?);
+    let mut orders = OrderServiceClient::new(channel(env.order_addr).await?);
+    let token = sign_up(&mut users).await?;
+    let mut request = bearer(&token, order());
+    request.set_timeout(Duration::from_millis(1500));
+    orders.create_order(request).await?;
+
+    let seen = eventually(
+        "user-service to log the deadline it got",
+        Duration::from_secs(5),
+        || {
+            let log = user_log.clone();
+            async move {
+                let mut text = String::new();
+                std::fs::File::open(log)
+                    .ok()?
+                    .read_to_string(&mut text)
+                    .ok()?;
+                text.lines()
+                    .filter(|l| l.contains("incoming deadline") && l.contains("ValidateToken"))
+                    .find_map(|l| {
+                        let rest = l.split("\"remaining_ms\":").nth(1)?;
+                        rest.split(|c: char| !c.is_ascii_digit())
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+            }
+        },
+    )
+    .await?;
+    assert!(seen < 1500, "the deadline shrank on the way: {seen} ms");
+    assert!(seen > 500, "but most of it is left: {seen} ms");
+    Ok(())
+}
