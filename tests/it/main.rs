@@ -4,6 +4,7 @@
 //! Run with `scripts/test`, which makes sure both servers are available.
 
 mod e2e;
+mod fuzz;
 mod notification_api;
 mod order_api;
 mod orders;

@@ -1,0 +1,267 @@
+//! Arbitrary field values for every RPC: never a panic, never INTERNAL or
+//! UNKNOWN; invalid input is INVALID_ARGUMENT with field violations.
+
+use contracts::{
+    notification::v1::ListNotificationsRequest,
+    order::v1::{
+        CancelOrderRequest, CreateOrderRequest, DeliverOrderRequest, GetOrderAtRequest,
+        GetOrderHistoryRequest, GetOrderRequest, ListOrdersRequest, OrderItem, PayOrderRequest,
+        ShipOrderRequest, ShippingAddress, get_order_at_request::Point,
+    },
+    user::v1::{AuthenticateRequest, CreateUserRequest, GetUserRequest, ValidateTokenRequest},
+};
+use proptest::{
+    prelude::*,
+    strategy::ValueTree as _,
+    test_runner::{Config, TestRunner},
+};
+use testkit::{TestStack, bearer};
+use tonic::{Code, Status};
+
+const CASES: usize = 40;
+
+/// Strings a client might send: empty, plausible, hostile, huge, any Unicode.
+fn text() -> BoxedStrategy<String> {
+    prop_oneof![
+        Just(String::new()),
+        "[a-zA-Z0-9@._ -]{0,40}",
+        "\\PC{0,80}",
+        any::<String>(),
+        Just("a@b.co".to_owned()),
+        Just(uuid::Uuid::new_v4().to_string()),
+        "[x]{300,600}",
+    ]
+    .boxed()
+}
+
+fn number() -> BoxedStrategy<i64> {
+    prop_oneof![
+        Just(0_i64),
+        Just(-1),
+        Just(i64::MAX),
+        Just(i64::MIN),
+        -1000_i64..100_000,
+        any::<i64>()
+    ]
+    .boxed()
+}
+
+fn small() -> BoxedStrategy<i32> {
+    prop_oneof![
+        Just(0_i32),
+        Just(-1),
+        Just(i32::MAX),
+        Just(i32::MIN),
+        -10_i32..200,
+        any::<i32>()
+    ]
+    .boxed()
+}
+
+fn samples<T: std::fmt::Debug>(strategy: impl Strategy<Value = T>) -> Vec<T> {
+    let mut runner = TestRunner::new(Config::default());
+    (0..CASES)
+        .map(|_| strategy.new_tree(&mut runner).expect("sample").current())
+        .collect()
+}
+
+/// The answer to arbitrary input must be a deliberate one.
+#[track_caller]
+fn check<T: std::fmt::Debug>(rpc: &str, input: &impl std::fmt::Debug, result: Result<T, Status>) {
+    let Err(status) = result else { return };
+    assert!(
+        !matches!(status.code(), Code::Internal | Code::Unknown),
+        "{rpc}({input:?}) -> {status:?}"
+    );
+    if status.code() == Code::InvalidArgument {
+        assert!(
+            !crate::support::violated_fields(&status).is_empty(),
+            "{rpc}({input:?}) -> INVALID_ARGUMENT without field violations: {status:?}"
+        );
+    }
+}
+
+fn address() -> impl Strategy<Value = Option<ShippingAddress>> {
+    proptest::option::of((text(), text(), text(), text(), text(), text()).prop_map(
+        |(name, line1, line2, city, postal_code, country)| ShippingAddress {
+            name,
+            line1,
+            line2,
+            city,
+            postal_code,
+            country,
+        },
+    ))
+}
+
+fn items() -> impl Strategy<Value = Vec<OrderItem>> {
+    prop::collection::vec(
+        (text(), small(), number()).prop_map(|(sku, quantity, unit_price_minor)| OrderItem {
+            sku,
+            quantity,
+            unit_price_minor,
+        }),
+        0..4,
+    )
+}
+
+#[tokio::test]
+async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let mut users = stack.users().await?;
+    let mut orders = stack.orders().await?;
+    let mut notifications = stack.notifications().await?;
+
+    for (email, password) in samples((text(), text())) {
+        let request = CreateUserRequest { email, password };
+        check(
+            "CreateUser",
+            &request,
+            users.create_user(request.clone()).await,
+        );
+        let request = AuthenticateRequest {
+            email: request.email,
+            password: request.password,
+        };
+        check(
+            "Authenticate",
+            &request,
+            users.authenticate(request.clone()).await,
+        );
+    }
+    for raw in samples(text()) {
+        let request = ValidateTokenRequest {
+            access_token: raw.clone(),
+        };
+        check(
+            "ValidateToken",
+            &request,
+            users.validate_token(request.clone()).await,
+        );
+        let request = GetUserRequest { user_id: raw };
+        check("GetUser", &request, users.get_user(request.clone()).await);
+    }
+    for (items, currency, key, shipping_address) in samples((items(), text(), text(), address())) {
+        let request = CreateOrderRequest {
+            items,
+            currency,
+            idempotency_key: key,
+            shipping_address,
+        };
+        check(
+            "CreateOrder",
+            &request,
+            orders.create_order(bearer(&token, request.clone())).await,
+        );
+    }
+    for (id, a, b, n, v) in samples((text(), text(), text(), number(), number())) {
+        let pay = PayOrderRequest {
+            order_id: id.clone(),
+            payment_reference: a.clone(),
+            amount_minor: n,
+            idempotency_key: b.clone(),
+            expected_version: v,
+        };
+        check(
+            "PayOrder",
+            &pay,
+            orders.pay_order(bearer(&token, pay.clone())).await,
+        );
+        let ship = ShipOrderRequest {
+            order_id: id.clone(),
+            carrier: a.clone(),
+            tracking_number: b.clone(),
+            idempotency_key: String::new(),
+            expected_version: v,
+        };
+        check(
+            "ShipOrder",
+            &ship,
+            orders.ship_order(bearer(&token, ship.clone())).await,
+        );
+        let deliver = DeliverOrderRequest {
+            order_id: id.clone(),
+            idempotency_key: b.clone(),
+            expected_version: v,
+        };
+        check(
+            "DeliverOrder",
+            &deliver,
+            orders.deliver_order(bearer(&token, deliver.clone())).await,
+        );
+        let cancel = CancelOrderRequest {
+            order_id: id.clone(),
+            reason: a.clone(),
+            idempotency_key: b.clone(),
+            expected_version: v,
+        };
+        check(
+            "CancelOrder",
+            &cancel,
+            orders.cancel_order(bearer(&token, cancel.clone())).await,
+        );
+        let get = GetOrderRequest {
+            order_id: id.clone(),
+            min_position: n.min(0),
+        };
+        check(
+            "GetOrder",
+            &get,
+            orders.get_order(bearer(&token, get.clone())).await,
+        );
+        let history = GetOrderHistoryRequest {
+            order_id: id.clone(),
+        };
+        check(
+            "GetOrderHistory",
+            &history,
+            orders
+                .get_order_history(bearer(&token, history.clone()))
+                .await,
+        );
+        let at = GetOrderAtRequest {
+            order_id: id,
+            point: match v % 3 {
+                0 => None,
+                1 => Some(Point::Version(n)),
+                _ => Some(Point::At(prost_types::Timestamp {
+                    seconds: n,
+                    nanos: i32::try_from(v % 2_000_000_000).unwrap_or(-1),
+                })),
+            },
+        };
+        check(
+            "GetOrderAt",
+            &at,
+            orders.get_order_at(bearer(&token, at.clone())).await,
+        );
+    }
+    for (status, size, page, user) in samples((small(), small(), text(), text())) {
+        let list = ListOrdersRequest {
+            status,
+            page_size: size,
+            page_token: page.clone(),
+            min_position: 0,
+        };
+        check(
+            "ListOrders",
+            &list,
+            orders.list_orders(bearer(&token, list.clone())).await,
+        );
+        let list = ListNotificationsRequest {
+            user_id: user,
+            page_size: size,
+            page_token: page,
+        };
+        check(
+            "ListNotifications",
+            &list,
+            notifications
+                .list_notifications(bearer(&token, list.clone()))
+                .await,
+        );
+    }
+    stack.stop().await;
+    Ok(())
+}
