@@ -6,6 +6,7 @@
 mod e2e;
 mod fuzz;
 mod notification_api;
+mod notifications;
 mod order_api;
 mod orders;
 mod relay;

@@ -128,6 +128,13 @@ async fn an_event_published_twice_past_dedup_makes_one_notification() -> anyhow:
         .list_notifications(bearer(&token, list))
         .await?
         .into_inner();
+    let letters = messaging::dlq::list(&js).await?;
+    assert_eq!(letters.len(), 1, "the poison message is dead-lettered");
+    assert_eq!(
+        (letters[0].reason.as_str(), letters[0].subject.as_str()),
+        ("undecodable", "user.created")
+    );
+    assert_eq!(&letters[0].payload[..], b"not protobuf");
     let copies = page
         .notifications
         .iter()

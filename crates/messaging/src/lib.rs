@@ -20,8 +20,12 @@ use async_nats::jetstream::{
 use async_nats::{HeaderMap, header::NATS_MESSAGE_ID};
 use bytes::Bytes;
 
+pub mod dlq;
+
 /// Header names set on every integration event besides `Nats-Msg-Id`.
 pub mod headers {
+    /// The event id (also `Nats-Msg-Id`), kept on dead letters.
+    pub const EVENT_ID: &str = "Shop-Event-Id";
     /// Integration event type, equal to the subject, e.g. `order.created`.
     pub const EVENT_TYPE: &str = "Shop-Event-Type";
     /// Aggregate stream the event belongs to.

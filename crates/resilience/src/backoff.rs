@@ -4,19 +4,47 @@ use std::time::Duration;
 
 use rand::Rng as _;
 
-/// `delay(n)` is uniform in `[0, min(max, base * 2^n)]` ("full jitter"):
-/// retries from many clients spread out instead of arriving in waves, and no
+/// How much of the delay is random.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Jitter {
+    /// Uniform in `[0, ceiling]`: the widest spread (callers retrying a
+    /// shared downstream).
+    Full,
+    /// Uniform in `[ceiling / 2, ceiling]`: still spread, but every gap is at
+    /// least as long as the one before (redelivery of one message).
+    Equal,
+}
+
+/// Capped exponential backoff: the ceiling before retry `n` is
+/// `min(max, base * 2^n)` and the delay is drawn below it per [`Jitter`].
+/// Retries from many clients spread out instead of arriving in waves, and no
 /// delay ever exceeds `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     pub base: Duration,
     pub max: Duration,
+    pub jitter: Jitter,
 }
 
 impl Backoff {
+    /// Full jitter.
     #[must_use]
     pub const fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max }
+        Self {
+            base,
+            max,
+            jitter: Jitter::Full,
+        }
+    }
+
+    /// Equal jitter: gaps grow, jittered.
+    #[must_use]
+    pub const fn equal(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            jitter: Jitter::Equal,
+        }
     }
 
     /// The upper bound of the delay before retry number `attempt` (0-based).
@@ -36,7 +64,11 @@ impl Backoff {
             return ceiling;
         }
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rand::thread_rng().gen_range(0..=nanos))
+        let floor = match self.jitter {
+            Jitter::Full => 0,
+            Jitter::Equal => nanos / 2,
+        };
+        Duration::from_nanos(rand::thread_rng().gen_range(floor..=nanos))
     }
 }
 

@@ -10,6 +10,6 @@ mod backoff;
 mod breaker;
 mod budget;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, Jitter};
 pub use breaker::{BreakerConfig, BreakerOpen, CircuitBreaker, Outcome, Permit, State};
 pub use budget::RetryBudget;

@@ -8,16 +8,22 @@
 //!   with typed clients.
 //! - [`TcpProxy`]: a proxy between a service and its peer that counts what
 //!   reaches the peer.
+//! - [`SmtpSink`] and [`WebhookReceiver`]: real SMTP and HTTP peers for the
+//!   notification channels.
 
 mod nats;
 mod pg;
 mod proxy;
+mod smtp;
 mod stack;
+mod webhook;
 
 pub use nats::NatsServer;
 pub use pg::TestDb;
 pub use proxy::TcpProxy;
+pub use smtp::{Mail, SmtpSink};
 pub use stack::{TEST_SIGNING_KEY, TestStack, bearer};
+pub use webhook::{Hit, WebhookReceiver};
 
 /// Installs test logging once (`RUST_LOG` to see service logs).
 pub fn init_logging() {

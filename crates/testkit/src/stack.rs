@@ -66,6 +66,19 @@ impl TestStack {
     pub async fn start_with(
         configure: impl FnOnce(&mut user_service::config::AuthSettings),
     ) -> anyhow::Result<Self> {
+        Self::start_configured(configure, |_| {}).await
+    }
+
+    /// Like [`Self::start_with`], also adjusting notification-service's
+    /// settings (channels, SMTP, retries).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::start`].
+    pub async fn start_configured(
+        configure: impl FnOnce(&mut user_service::config::AuthSettings),
+        configure_notifications: impl FnOnce(&mut notification_service::Settings),
+    ) -> anyhow::Result<Self> {
         crate::init_logging();
         let mut auth = user_service::config::AuthSettings {
             signing_key: platform::config::Secret::new(TEST_SIGNING_KEY),
@@ -107,17 +120,17 @@ impl TestStack {
         let order_addr = order.grpc_addr();
         let order_admin = order.admin_addr();
 
-        let notification =
-            notification_service::Application::build(notification_service::Settings {
-                grpc_addr: "127.0.0.1:0".to_owned(),
-                admin_addr: "127.0.0.1:0".to_owned(),
-                database_url: notification_db.url.clone(),
-                user_service,
-                nats_url: nats.url(),
-                startup_wait_secs: 10,
-                ..Default::default()
-            })
-            .await?;
+        let mut notification_settings = notification_service::Settings {
+            grpc_addr: "127.0.0.1:0".to_owned(),
+            admin_addr: "127.0.0.1:0".to_owned(),
+            database_url: notification_db.url.clone(),
+            user_service,
+            nats_url: nats.url(),
+            startup_wait_secs: 10,
+            ..Default::default()
+        };
+        configure_notifications(&mut notification_settings);
+        let notification = notification_service::Application::build(notification_settings).await?;
         let notification_addr = notification.grpc_addr();
         let notification_admin = notification.admin_addr();
 

@@ -236,3 +236,88 @@ pub(crate) async fn status(target: &Target) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+async fn jetstream(target: &Target) -> anyhow::Result<async_nats::jetstream::Context> {
+    let client = async_nats::connect(target.nats()?).await?;
+    Ok(async_nats::jetstream::new(client))
+}
+
+fn print_letter(letter: &messaging::dlq::DeadLetter, full: bool) {
+    println!(
+        "#{:<5} {}  {:<16} consumer {}  attempts {}  reason: {}",
+        letter.sequence,
+        letter.dead_at,
+        letter.subject,
+        letter.consumer,
+        letter.attempts,
+        letter.reason
+    );
+    println!(
+        "       event {}  last error: {}",
+        letter.event_id.as_deref().unwrap_or("-"),
+        letter.last_error
+    );
+    if full {
+        if let Some(trace) = &letter.traceparent {
+            println!("       trace {trace}");
+        }
+        for (name, values) in letter.headers.iter() {
+            for value in values {
+                println!("       header {name}: {value}");
+            }
+        }
+        println!(
+            "       payload ({} bytes): {:02x?}",
+            letter.payload.len(),
+            &letter.payload[..letter.payload.len().min(256)]
+        );
+    }
+}
+
+/// `shopctl dlq list`.
+pub(crate) async fn dlq_list(target: &Target) -> anyhow::Result<()> {
+    let letters = messaging::dlq::list(&jetstream(target).await?).await?;
+    if letters.is_empty() {
+        println!("The dead-letter stream is empty.");
+    }
+    for letter in &letters {
+        print_letter(letter, false);
+    }
+    Ok(())
+}
+
+/// `shopctl dlq show <sequence>`.
+pub(crate) async fn dlq_show(target: &Target, sequence: u64) -> anyhow::Result<()> {
+    print_letter(
+        &messaging::dlq::show(&jetstream(target).await?, sequence).await?,
+        true,
+    );
+    Ok(())
+}
+
+/// `shopctl dlq redrive <sequence> | --all`.
+pub(crate) async fn dlq_redrive(
+    target: &Target,
+    sequence: Option<u64>,
+    all: bool,
+) -> anyhow::Result<()> {
+    let js = jetstream(target).await?;
+    let sequences = match (sequence, all) {
+        (Some(sequence), false) => vec![sequence],
+        (None, true) => messaging::dlq::list(&js)
+            .await?
+            .iter()
+            .map(|l| l.sequence)
+            .collect(),
+        _ => bail!("give a sequence or --all"),
+    };
+    for sequence in sequences {
+        let letter = messaging::dlq::redrive(&js, sequence).await?;
+        println!(
+            "Redrove #{sequence} to {} (event {}).",
+            letter.subject,
+            letter.event_id.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}

@@ -53,6 +53,9 @@ enum Command {
     /// The order read models.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// The dead-letter stream.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Run one service in this process (used by `up`; the service binaries
     /// do the same).
     #[command(hide = true)]
@@ -121,6 +124,30 @@ enum ProjectionsCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Every dead letter: where it came from, why, how often it was tried.
+    List {
+        #[command(flatten)]
+        target: admin::Target,
+    },
+    /// One dead letter with its headers and payload.
+    Show {
+        sequence: u64,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+    /// Publish dead letters to their original subject again and remove them.
+    Redrive {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        sequence: Option<u64>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Service {
     #[value(name = "user-service")]
@@ -173,6 +200,15 @@ async fn main() -> anyhow::Result<()> {
             target,
         }) => admin::rebuild(&target, &name, !no_wait).await,
         Command::Projections(ProjectionsCommand::Status { target }) => admin::status(&target).await,
+        Command::Dlq(DlqCommand::List { target }) => admin::dlq_list(&target).await,
+        Command::Dlq(DlqCommand::Show { sequence, target }) => {
+            admin::dlq_show(&target, sequence).await
+        }
+        Command::Dlq(DlqCommand::Redrive {
+            sequence,
+            all,
+            target,
+        }) => admin::dlq_redrive(&target, sequence, all).await,
     }
 }
 

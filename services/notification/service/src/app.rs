@@ -15,7 +15,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService as _;
 
-use crate::{Settings, consumer, grpc::NotificationApi, store::NotificationStore};
+use crate::{
+    Settings,
+    channels::{Mailer, WebhookSender},
+    consumer::{self, Deliverer},
+    grpc::NotificationApi,
+    store::NotificationStore,
+    watch::Hub,
+};
 
 /// A built, not yet running notification-service: its ports are bound, its
 /// database migrated and its durable consumers declared.
@@ -27,6 +34,8 @@ pub struct Application {
     store: NotificationStore,
     auth: Authenticator,
     consumers: Vec<PullConsumer>,
+    deliverer: Deliverer,
+    database_url: String,
     metrics: Metrics,
     readiness: Readiness,
 }
@@ -42,7 +51,9 @@ fn consumer_spec(
         durable_name: format!("{}-{suffix}", settings.consumer_prefix),
         filter_subject: filter.to_owned(),
         ack_wait: Duration::from_secs(settings.ack_wait_secs),
-        max_deliver: settings.max_deliver,
+        // The service counts deliveries and dead-letters itself; the server
+        // never gives up on a message silently.
+        max_deliver: -1,
         max_ack_pending: 1000,
     }
 }
@@ -70,6 +81,34 @@ impl Application {
                     .map_err(|e| StartError::Nats(e.to_string()))?,
             );
         }
+        messaging::ensure_stream(&js, messaging::dlq::DLQ_STREAM, &settings.streams)
+            .await
+            .map_err(|e| StartError::Nats(e.to_string()))?;
+        let store = NotificationStore::new(pool.clone());
+        let deliverer = Deliverer {
+            store: store.clone(),
+            js: js.clone(),
+            log: settings.channel_enabled("log"),
+            mailer: if settings.channel_enabled("email") {
+                Some(Mailer::new(&settings.smtp).map_err(|e| StartError::Other(e.to_string()))?)
+            } else {
+                None
+            },
+            webhooks: if settings.channel_enabled("webhook") {
+                Some(
+                    WebhookSender::new(Duration::from_millis(settings.webhook_timeout_ms))
+                        .map_err(|e| StartError::Other(e.to_string()))?,
+                )
+            } else {
+                None
+            },
+            backoff: resilience::Backoff::equal(
+                Duration::from_millis(settings.retry_base_ms),
+                Duration::from_millis(settings.retry_max_ms),
+            ),
+            max_deliver: settings.max_deliver.max(1),
+            pause_before_ack: Duration::from_millis(settings.faults.pause_before_ack_ms),
+        };
         let metrics = Metrics::new();
         let auth = Authenticator::new(
             &settings.user_service,
@@ -83,9 +122,11 @@ impl Application {
             listener,
             addr,
             admin,
-            store: NotificationStore::new(pool),
+            store,
             auth,
             consumers,
+            deliverer,
+            database_url: settings.database_url,
             metrics,
             readiness,
         })
@@ -111,14 +152,18 @@ impl Application {
     /// Fails when the gRPC transport fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
         tracing::info!(addr = %self.addr, admin = %self.admin.addr(), "notification-service serving");
-        let background = self
+        let hub = Hub::new();
+        let mut background: Vec<_> = self
             .consumers
             .into_iter()
-            .map(|c| tokio::spawn(consumer::run(c, self.store.clone(), shutdown.clone())))
+            .map(|c| tokio::spawn(consumer::run(c, self.deliverer.clone(), shutdown.clone())))
             .collect();
+        background.push(tokio::spawn(
+            hub.clone().run(self.database_url, shutdown.clone()),
+        ));
         platform::grpc::Service {
             routes: tonic::service::Routes::new(NotificationServiceServer::new(
-                NotificationApi::new(self.store, self.auth),
+                NotificationApi::new(self.store, self.auth, hub, shutdown.clone()),
             )),
             name: NotificationServiceServer::<NotificationApi>::NAME,
             listener: self.listener,

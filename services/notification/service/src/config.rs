@@ -1,7 +1,7 @@
 //! notification-service settings: defaults overridden by `APP_...` variables.
 
 use messaging::StreamLimits;
-use platform::client::ClientSettings;
+use platform::{client::ClientSettings, config::Secret};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,14 +20,46 @@ pub struct Settings {
     pub user_service: ClientSettings,
     /// `APP_TOKEN_CACHE_SECS`: how long a validated token is trusted.
     pub token_cache_secs: u64,
+    /// `APP_CHANNELS`: enabled channels, comma-separated: `log`, `email`, `webhook`.
+    pub channels: String,
+    pub smtp: SmtpSettings,
+    /// Deadline of one webhook POST.
+    pub webhook_timeout_ms: u64,
     /// Prefix of the durable consumer names (one per subscribed stream).
     pub consumer_prefix: String,
     /// Seconds the server waits for an ack before redelivering.
     pub ack_wait_secs: u64,
-    /// Deliveries before JetStream stops redelivering a message.
+    /// `APP_MAX_DELIVER`: deliveries of one message before it is dead-lettered.
     pub max_deliver: i64,
+    /// Redelivery delays: capped exponential backoff with full jitter.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Fault injection for chaos tests; zero in production.
+    pub faults: Faults,
     /// How long start-up waits for Postgres and NATS.
     pub startup_wait_secs: u64,
+}
+
+/// `APP_SMTP__...`: the mail server for the email channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    /// `From:` of every mail.
+    pub from: String,
+    pub username: String,
+    pub password: Secret,
+    /// Require STARTTLS (off for a local relay).
+    pub starttls: bool,
+    pub timeout_ms: u64,
+}
+
+/// `APP_FAULTS__...`: deliberate slowness for chaos tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faults {
+    /// Sleep between recording a delivery and acking the message (the
+    /// window a crash test kills the process in).
+    pub pause_before_ack_ms: u64,
 }
 
 impl Default for Settings {
@@ -41,10 +73,34 @@ impl Default for Settings {
             admin_addr: "127.0.0.1:9093".to_owned(),
             user_service: platform::auth::default_user_service(),
             token_cache_secs: 30,
+            channels: "log,webhook".to_owned(),
+            smtp: SmtpSettings {
+                host: "127.0.0.1".to_owned(),
+                port: 25,
+                from: "shop@localhost".to_owned(),
+                username: String::new(),
+                password: Secret::default(),
+                starttls: false,
+                timeout_ms: 10_000,
+            },
+            webhook_timeout_ms: 5000,
             consumer_prefix: "notification-service".to_owned(),
             ack_wait_secs: 30,
-            max_deliver: 10,
+            max_deliver: 8,
+            retry_base_ms: 500,
+            retry_max_ms: 60_000,
+            faults: Faults::default(),
             startup_wait_secs: 30,
         }
+    }
+}
+
+impl Settings {
+    /// Whether `channel` (`log`, `email`, `webhook`) is enabled.
+    #[must_use]
+    pub fn channel_enabled(&self, channel: &str) -> bool {
+        self.channels
+            .split(',')
+            .any(|c| c.trim().eq_ignore_ascii_case(channel))
     }
 }

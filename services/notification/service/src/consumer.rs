@@ -1,8 +1,15 @@
-//! JetStream -> notifications. Each subscribed stream has a durable pull
-//! consumer; a message is acked only after its notification is committed, so
-//! a crash redelivers it and the unique (event, channel) key absorbs the
-//! repeat. A message that cannot be decoded is terminated (never redelivered)
-//! and logged; a database failure is NAKed with a delay.
+//! JetStream -> notifications, delivered on every enabled channel exactly
+//! once per (event, channel).
+//!
+//! For each message: decode it; for order events take the order's advisory
+//! lock and check that the previous version is finished (else NAK and wait:
+//! notifications of one order go out in event order, on any number of
+//! replicas); deliver on each channel not yet recorded for this event,
+//! recording each success; mark the version finished; ack. A failure NAKs
+//! with a capped, jittered exponential delay; after `max_deliver` deliveries
+//! (or at once, for a message that cannot be decoded) the message goes to
+//! the dead-letter stream with its reason and is terminated, and its order
+//! moves on. A poison message blocks nothing behind it on other orders.
 
 use std::time::Duration;
 
@@ -10,12 +17,16 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use chrono::{DateTime, Utc};
 use contracts::events::v1 as pb;
 use futures::StreamExt as _;
+use messaging::dlq;
 use notification_domain::{Channel, Trigger};
-use prost::Message as _;
+use resilience::Backoff;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::store::{NotificationStore, Source};
+use crate::{
+    channels::{Mailer, Outgoing, WebhookSender},
+    store::{self, Delivered, NotificationStore},
+};
 
 /// Why a message could not be turned into a trigger. Not retryable.
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +42,23 @@ pub enum DecodeError {
 pub struct Decoded {
     pub event_id: Uuid,
     pub occurred_at: DateTime<Utc>,
-    pub trigger: Trigger,
+    /// The notification it causes, if any (`order.delivered` causes none).
+    pub trigger: Option<Trigger>,
+    /// For order events: the order and the event's version in it.
+    pub order: Option<(Uuid, i64)>,
 }
 
 fn uuid(field: &'static str, raw: &str) -> Result<Uuid, DecodeError> {
     Uuid::parse_str(raw).map_err(|_| DecodeError::Field(field))
 }
 
-fn metadata(meta: Option<&pb::EventMetadata>) -> Result<(Uuid, DateTime<Utc>), DecodeError> {
+struct Meta {
+    event_id: Uuid,
+    occurred_at: DateTime<Utc>,
+    version: i64,
+}
+
+fn metadata(meta: Option<&pb::EventMetadata>) -> Result<Meta, DecodeError> {
     let meta = meta.ok_or(DecodeError::Field("metadata"))?;
     let event_id = uuid("metadata.event_id", &meta.event_id)?;
     let occurred_at = meta
@@ -46,58 +66,402 @@ fn metadata(meta: Option<&pb::EventMetadata>) -> Result<(Uuid, DateTime<Utc>), D
         .as_ref()
         .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
         .ok_or(DecodeError::Field("metadata.occurred_at"))?;
-    Ok((event_id, occurred_at))
+    Ok(Meta {
+        event_id,
+        occurred_at,
+        version: meta.stream_version,
+    })
 }
 
-/// Decodes an integration event; `Ok(None)` for subjects that cause no
-/// notification.
+fn units(items: &[pb::OrderLine]) -> u64 {
+    items
+        .iter()
+        .map(|i| u64::try_from(i.quantity).unwrap_or(0))
+        .sum()
+}
+
+fn decode_as<M: prost::Message + Default>(
+    name: &'static str,
+    payload: &[u8],
+) -> Result<M, DecodeError> {
+    M::decode(payload).map_err(|e| DecodeError::Protobuf(name, e))
+}
+
+/// An order event's common parts: its metadata, order and user.
+fn order_event(
+    meta: Option<&pb::EventMetadata>,
+    order_id: &str,
+    user_id: &str,
+) -> Result<(Meta, Uuid, Uuid), DecodeError> {
+    Ok((
+        metadata(meta)?,
+        uuid("order_id", order_id)?,
+        uuid("user_id", user_id)?,
+    ))
+}
+
+/// Decodes an integration event; `Ok(None)` for subjects this service
+/// ignores.
 ///
 /// # Errors
 ///
 /// A payload that does not match its subject's schema.
 pub fn decode(subject: &str, payload: &[u8]) -> Result<Option<Decoded>, DecodeError> {
-    let decoded = match subject {
+    let (meta, order, trigger) = match subject {
         "user.created" => {
-            let event = pb::UserCreated::decode(payload)
-                .map_err(|e| DecodeError::Protobuf("UserCreated", e))?;
-            let (event_id, occurred_at) = metadata(event.metadata.as_ref())?;
-            Decoded {
-                event_id,
-                occurred_at,
-                trigger: Trigger::UserCreated {
-                    user_id: uuid("user_id", &event.user_id)?,
-                    email: event.email,
-                },
-            }
+            let e: pb::UserCreated = decode_as("UserCreated", payload)?;
+            let trigger = Trigger::UserCreated {
+                user_id: uuid("user_id", &e.user_id)?,
+                email: e.email,
+            };
+            (metadata(e.metadata.as_ref())?, None, Some(trigger))
         }
         "order.created" => {
-            let event = pb::OrderCreated::decode(payload)
-                .map_err(|e| DecodeError::Protobuf("OrderCreated", e))?;
-            let (event_id, occurred_at) = metadata(event.metadata.as_ref())?;
-            Decoded {
-                event_id,
-                occurred_at,
-                trigger: Trigger::OrderCreated {
-                    order_id: uuid("order_id", &event.order_id)?,
-                    user_id: uuid("user_id", &event.user_id)?,
-                    item_count: event
-                        .items
-                        .iter()
-                        .map(|i| usize::try_from(i.quantity).unwrap_or(0))
-                        .sum(),
-                    currency: event.currency,
-                    total_minor: event.total_minor,
-                },
-            }
+            let e: pb::OrderCreated = decode_as("OrderCreated", payload)?;
+            let (meta, order_id, user_id) =
+                order_event(e.metadata.as_ref(), &e.order_id, &e.user_id)?;
+            let trigger = Trigger::OrderCreated {
+                order_id,
+                user_id,
+                item_count: units(&e.items),
+                currency: e.currency,
+                total_minor: e.total_minor,
+            };
+            (meta, Some(order_id), Some(trigger))
+        }
+        "order.paid" => {
+            let e: pb::OrderPaid = decode_as("OrderPaid", payload)?;
+            let (meta, order_id, user_id) =
+                order_event(e.metadata.as_ref(), &e.order_id, &e.user_id)?;
+            let trigger = Trigger::OrderPaid {
+                order_id,
+                user_id,
+                currency: e.currency,
+                amount_minor: e.amount_minor,
+                payment_reference: e.payment_reference,
+            };
+            (meta, Some(order_id), Some(trigger))
+        }
+        "order.shipped" => {
+            let e: pb::OrderShipped = decode_as("OrderShipped", payload)?;
+            let (meta, order_id, user_id) =
+                order_event(e.metadata.as_ref(), &e.order_id, &e.user_id)?;
+            let destination = e
+                .shipping_address
+                .map(|a| format!("{}, {}", a.city, a.country))
+                .unwrap_or_else(|| "you".to_owned());
+            let trigger = Trigger::OrderShipped {
+                order_id,
+                user_id,
+                carrier: e.carrier,
+                tracking_number: e.tracking_number,
+                item_count: units(&e.items),
+                destination,
+            };
+            (meta, Some(order_id), Some(trigger))
+        }
+        "order.delivered" => {
+            let e: pb::OrderDelivered = decode_as("OrderDelivered", payload)?;
+            let (meta, order_id, _) = order_event(e.metadata.as_ref(), &e.order_id, &e.user_id)?;
+            (meta, Some(order_id), None)
+        }
+        "order.cancelled" => {
+            let e: pb::OrderCancelled = decode_as("OrderCancelled", payload)?;
+            let (meta, order_id, user_id) =
+                order_event(e.metadata.as_ref(), &e.order_id, &e.user_id)?;
+            let trigger = Trigger::OrderCancelled {
+                order_id,
+                user_id,
+                reason: e.reason,
+                currency: e.currency,
+                refund_minor: e.refund_minor,
+            };
+            (meta, Some(order_id), Some(trigger))
         }
         _ => return Ok(None),
     };
-    Ok(Some(decoded))
+    Ok(Some(Decoded {
+        event_id: meta.event_id,
+        occurred_at: meta.occurred_at,
+        trigger,
+        order: order.map(|id| (id, meta.version)),
+    }))
+}
+
+/// Why processing did not finish; both are retried with backoff.
+#[derive(Debug)]
+enum Problem {
+    /// Something else must happen first (an earlier event of the order, the
+    /// user's email address arriving).
+    Waiting(String),
+    /// A delivery or the database failed.
+    Failed(String),
+}
+
+impl Problem {
+    fn text(&self) -> &str {
+        match self {
+            Self::Waiting(s) | Self::Failed(s) => s,
+        }
+    }
+}
+
+impl From<sqlx::Error> for Problem {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Failed(format!("database: {error}"))
+    }
+}
+
+/// Everything a consumer needs to deliver.
+#[derive(Debug, Clone)]
+pub struct Deliverer {
+    pub store: NotificationStore,
+    pub js: jetstream::Context,
+    pub log: bool,
+    pub mailer: Option<Mailer>,
+    pub webhooks: Option<WebhookSender>,
+    pub backoff: Backoff,
+    pub max_deliver: i64,
+    pub pause_before_ack: Duration,
+}
+
+impl Deliverer {
+    /// Delivers what `decoded` causes. A redriven dead letter skips the
+    /// ordering gate: its order has moved on, and it is delivered late, once.
+    async fn process(
+        &self,
+        subject: &str,
+        decoded: &Decoded,
+        redriven: bool,
+    ) -> Result<(), Problem> {
+        if let Some(Trigger::UserCreated { user_id, email }) = &decoded.trigger {
+            self.store.remember_recipient(*user_id, email).await?;
+        }
+        let mut order_tx = None;
+        if let Some((order_id, version)) = decoded.order.filter(|_| !redriven) {
+            let mut tx = self.store.pool().begin().await?;
+            let last = store::lock_order(&mut tx, order_id).await?;
+            if version <= last {
+                return Ok(()); // finished before: a redelivery
+            }
+            if version > last + 1 {
+                return Err(Problem::Waiting(format!(
+                    "event {} of order {order_id} is not finished yet",
+                    last + 1
+                )));
+            }
+            order_tx = Some(tx);
+        }
+        if let Some(trigger) = &decoded.trigger {
+            self.deliver(subject, decoded, trigger).await?;
+        }
+        if let (Some(mut tx), Some((order_id, version))) =
+            (order_tx, decoded.order.filter(|_| !redriven))
+        {
+            store::finish_version(&mut tx, order_id, version).await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver(
+        &self,
+        subject: &str,
+        decoded: &Decoded,
+        trigger: &Trigger,
+    ) -> Result<(), Problem> {
+        let message = trigger.render();
+        let outgoing = Outgoing {
+            event_id: decoded.event_id,
+            event_type: subject,
+            occurred_at: decoded.occurred_at,
+            user_id: message.user_id,
+            order_id: trigger.order_id(),
+            subject: &message.subject,
+            body: &message.body,
+        };
+        let done = self.store.delivered_channels(decoded.event_id).await?;
+        let record = |channel: String, target: Option<String>| Delivered {
+            event_id: decoded.event_id,
+            event_type: subject.to_owned(),
+            occurred_at: decoded.occurred_at,
+            user_id: message.user_id,
+            channel,
+            target,
+            subject: message.subject.clone(),
+            body: message.body.clone(),
+        };
+        let mut problems = Vec::new();
+        let log = Channel::Log.name();
+        if self.log && !done.contains(&log) {
+            tracing::info!(
+                channel = "log",
+                user_id = %message.user_id,
+                event_id = %decoded.event_id,
+                subject = %message.subject,
+                body = %message.body,
+                "notification delivered"
+            );
+            self.store.record(&record(log.clone(), None)).await?;
+        }
+        let email = Channel::Email.name();
+        if let Some(mailer) = &self.mailer
+            && !done.contains(&email)
+        {
+            match self.store.recipient(message.user_id).await? {
+                None => problems.push(Problem::Waiting(
+                    "the user's email address is not known yet".to_owned(),
+                )),
+                Some(address) => match mailer.send(&address, &outgoing).await {
+                    Ok(()) => {
+                        self.store
+                            .record(&record(email.clone(), Some(address)))
+                            .await?;
+                    }
+                    Err(error) => problems.push(Problem::Failed(error.to_string())),
+                },
+            }
+        }
+        if let Some(sender) = &self.webhooks {
+            for hook in self.store.webhooks(message.user_id).await? {
+                let channel = Channel::Webhook(hook.id).name();
+                if done.contains(&channel) {
+                    continue;
+                }
+                match sender.send(&hook.url, &hook.secret, &outgoing).await {
+                    Ok(()) => {
+                        self.store
+                            .record(&record(channel, Some(hook.url.clone())))
+                            .await?;
+                    }
+                    Err(error) => problems.push(Problem::Failed(error.to_string())),
+                }
+            }
+        }
+        match problems.into_iter().next() {
+            None => Ok(()),
+            Some(problem) => Err(problem),
+        }
+    }
+
+    /// Dead-letters the message and lets its order move on.
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        consumer: &str,
+        reason: &str,
+        attempts: i64,
+        last_error: &str,
+        order: Option<(Uuid, i64)>,
+    ) -> Result<(), Problem> {
+        let failure = dlq::Failure {
+            consumer,
+            reason,
+            attempts,
+            last_error,
+        };
+        dlq::publish(
+            &self.js,
+            message.subject.as_str(),
+            message.headers.as_ref(),
+            message.payload.clone(),
+            &failure,
+        )
+        .await
+        .map_err(|e| Problem::Failed(e.to_string()))?;
+        if let Some((order_id, version)) = order {
+            let mut tx = self.store.pool().begin().await?;
+            store::lock_order(&mut tx, order_id).await?;
+            store::finish_version(&mut tx, order_id, version).await?;
+            tx.commit().await?;
+        }
+        tracing::error!(consumer, reason, attempts, last_error, subject = %message.subject, "message dead-lettered");
+        Ok(())
+    }
+
+    /// Handles one message: ack, NAK with delay, or dead-letter and terminate.
+    pub async fn handle(&self, consumer: &str, message: jetstream::Message) {
+        let subject = message.subject.as_str().to_owned();
+        let attempts = message.info().map_or(1, |i| i.delivered);
+        let redriven = message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(dlq::headers::REDRIVEN_FROM).is_some());
+        let outcome = match decode(&subject, &message.payload) {
+            Ok(None) => AckKind::Ack,
+            Err(error) => {
+                match self
+                    .dead_letter(
+                        &message,
+                        consumer,
+                        "undecodable",
+                        attempts,
+                        &error.to_string(),
+                        None,
+                    )
+                    .await
+                {
+                    Ok(()) => AckKind::Term,
+                    Err(problem) => {
+                        tracing::warn!(error = problem.text(), "cannot dead-letter; will retry");
+                        AckKind::Nak(Some(self.backoff.delay(0)))
+                    }
+                }
+            }
+            Ok(Some(decoded)) => match self.process(&subject, &decoded, redriven).await {
+                Ok(()) => {
+                    if !self.pause_before_ack.is_zero() {
+                        tokio::time::sleep(self.pause_before_ack).await;
+                    }
+                    AckKind::Ack
+                }
+                Err(problem) if attempts >= self.max_deliver => {
+                    let reason = match problem {
+                        Problem::Waiting(_) => "waited too long",
+                        Problem::Failed(_) => "max deliveries reached",
+                    };
+                    match self
+                        .dead_letter(
+                            &message,
+                            consumer,
+                            reason,
+                            attempts,
+                            problem.text(),
+                            decoded.order,
+                        )
+                        .await
+                    {
+                        Ok(()) => AckKind::Term,
+                        Err(e) => {
+                            tracing::warn!(error = e.text(), "cannot dead-letter; will retry");
+                            AckKind::Nak(Some(self.backoff.delay(0)))
+                        }
+                    }
+                }
+                Err(problem) => {
+                    let attempt = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+                    let delay = self.backoff.delay(attempt);
+                    tracing::warn!(
+                        %subject,
+                        event_id = %decoded.event_id,
+                        attempts,
+                        ?delay,
+                        problem = problem.text(),
+                        "notification not delivered yet; retrying"
+                    );
+                    AckKind::Nak(Some(delay))
+                }
+            },
+        };
+        if let Err(error) = message.ack_with(outcome).await {
+            tracing::warn!(%error, %subject, "ack failed; the message will be redelivered");
+        }
+    }
 }
 
 /// Consumes one durable consumer until `shutdown`, resubscribing after
 /// connection trouble.
-pub async fn run(consumer: PullConsumer, store: NotificationStore, shutdown: CancellationToken) {
+pub async fn run(consumer: PullConsumer, deliverer: Deliverer, shutdown: CancellationToken) {
     let name = consumer.cached_info().name.clone();
     while !shutdown.is_cancelled() {
         match consumer.messages().await {
@@ -107,7 +471,7 @@ pub async fn run(consumer: PullConsumer, store: NotificationStore, shutdown: Can
                     next = messages.next() => next,
                 };
                 match next {
-                    Some(Ok(message)) => handle(&store, message).await,
+                    Some(Ok(message)) => deliverer.handle(&name, message).await,
                     Some(Err(error)) => {
                         tracing::warn!(consumer = %name, %error, "consumer stream error");
                         break;
@@ -123,47 +487,4 @@ pub async fn run(consumer: PullConsumer, store: NotificationStore, shutdown: Can
         }
     }
     tracing::info!(consumer = %name, "consumer stopped");
-}
-
-async fn handle(store: &NotificationStore, message: jetstream::Message) {
-    let subject = message.subject.as_str().to_owned();
-    let outcome = match decode(&subject, &message.payload) {
-        Ok(None) => AckKind::Ack,
-        Ok(Some(decoded)) => {
-            let rendered = decoded.trigger.render();
-            let source = Source {
-                event_id: decoded.event_id,
-                event_type: &subject,
-                occurred_at: decoded.occurred_at,
-            };
-            match store.record(source, Channel::Log, &rendered).await {
-                Ok(true) => {
-                    tracing::info!(
-                        channel = "log",
-                        user_id = %rendered.user_id,
-                        event_id = %decoded.event_id,
-                        subject = %rendered.subject,
-                        body = %rendered.body,
-                        "notification delivered"
-                    );
-                    AckKind::Ack
-                }
-                Ok(false) => {
-                    tracing::debug!(event_id = %decoded.event_id, "duplicate delivery absorbed");
-                    AckKind::Ack
-                }
-                Err(error) => {
-                    tracing::warn!(%error, %subject, "cannot record notification; will retry");
-                    AckKind::Nak(Some(Duration::from_secs(1)))
-                }
-            }
-        }
-        Err(error) => {
-            tracing::error!(%error, %subject, "undecodable event terminated");
-            AckKind::Term
-        }
-    };
-    if let Err(error) = message.ack_with(outcome).await {
-        tracing::warn!(%error, %subject, "ack failed; the message will be redelivered");
-    }
 }

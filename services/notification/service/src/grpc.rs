@@ -8,21 +8,80 @@ use platform::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::store::{NotificationRecord, NotificationStore};
+use crate::{
+    store::{NotificationRecord, NotificationStore, Webhook},
+    watch::Hub,
+};
 
 /// Handlers of `NotificationService`.
 #[derive(Debug, Clone)]
 pub struct NotificationApi {
     store: NotificationStore,
     auth: Authenticator,
+    hub: Hub,
+    /// Ends open watch streams, so a graceful shutdown does not wait on them.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl NotificationApi {
     #[must_use]
-    pub fn new(store: NotificationStore, auth: Authenticator) -> Self {
-        Self { store, auth }
+    pub fn new(
+        store: NotificationStore,
+        auth: Authenticator,
+        hub: Hub,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            auth,
+            hub,
+            shutdown,
+        }
     }
 }
+
+fn webhook_to_proto(hook: &Webhook) -> pb::Webhook {
+    pb::Webhook {
+        id: hook.id.to_string(),
+        url: hook.url.clone(),
+        created_at: Some(contracts::timestamp(hook.created_at)),
+    }
+}
+
+/// A webhook URL: absolute http(s), at most 2000 characters, no credentials.
+fn parse_webhook_url(raw: &str) -> Result<reqwest::Url, &'static str> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err("is required");
+    }
+    if raw.len() > 2000 {
+        return Err("must be at most 2000 characters");
+    }
+    let url = reqwest::Url::parse(raw).map_err(|_| "must be an absolute http(s) URL")?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("must be an absolute http(s) URL");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain credentials");
+    }
+    Ok(url)
+}
+
+fn new_secret() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0_u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!(
+        "whsec_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+type WatchStream = std::pin::Pin<
+    Box<
+        dyn futures::Stream<Item = Result<pb::WatchNotificationsResponse, Status>> + Send + 'static,
+    >,
+>;
 
 const DEFAULT_PAGE_SIZE: i64 = 20;
 const MAX_PAGE_SIZE: i32 = 100;
@@ -43,6 +102,108 @@ fn to_proto(n: &NotificationRecord) -> pb::Notification {
 
 #[tonic::async_trait]
 impl NotificationService for NotificationApi {
+    type WatchNotificationsStream = WatchStream;
+
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn watch_notifications(
+        &self,
+        request: Request<pb::WatchNotificationsRequest>,
+    ) -> Result<Response<Self::WatchNotificationsStream>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let mut recorded = self.hub.subscribe();
+        let store = self.store.clone();
+        let shutdown = self.shutdown.clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (user, id) = tokio::select! {
+                    () = sender.closed() => return,
+                    () = shutdown.cancelled() => return,
+                    next = recorded.recv() => match next {
+                        Ok(next) => next,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            let status = Status::data_loss(format!("watcher fell {missed} notifications behind; list and watch again"));
+                            let _ = sender.send(Err(status)).await;
+                            return;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if user != caller.user_id {
+                    continue;
+                }
+                let item = match store.get(id).await {
+                    Ok(Some(n)) => Ok(pb::WatchNotificationsResponse {
+                        notification: Some(to_proto(&n)),
+                    }),
+                    Ok(None) => continue,
+                    Err(e) => Err(status::from_sqlx(&e)),
+                };
+                if sender.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn register_webhook(
+        &self,
+        request: Request<pb::RegisterWebhookRequest>,
+    ) -> Result<Response<pb::RegisterWebhookResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let url = parse_webhook_url(&request.get_ref().url)
+            .map_err(|e| status::invalid_argument("url", e))?;
+        let secret = new_secret();
+        let hook = self
+            .store
+            .add_webhook(caller.user_id, url.as_str(), &secret)
+            .await
+            .map_err(|e| status::from_sqlx(&e))?;
+        Ok(Response::new(pb::RegisterWebhookResponse {
+            webhook: Some(webhook_to_proto(&hook)),
+            secret,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn list_webhooks(
+        &self,
+        request: Request<pb::ListWebhooksRequest>,
+    ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let hooks = self
+            .store
+            .webhooks(caller.user_id)
+            .await
+            .map_err(|e| status::from_sqlx(&e))?;
+        Ok(Response::new(pb::ListWebhooksResponse {
+            webhooks: hooks.iter().map(webhook_to_proto).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, err(level = "info"))]
+    async fn delete_webhook(
+        &self,
+        request: Request<pb::DeleteWebhookRequest>,
+    ) -> Result<Response<pb::DeleteWebhookResponse>, Status> {
+        let caller = self.auth.authenticate(request.metadata()).await?;
+        let id = Uuid::parse_str(request.get_ref().webhook_id.trim())
+            .map_err(|_| status::invalid_argument("webhook_id", "must be a UUID"))?;
+        if !self
+            .store
+            .delete_webhook(caller.user_id, id)
+            .await
+            .map_err(|e| status::from_sqlx(&e))?
+        {
+            return Err(Status::not_found(format!("webhook {id} not found")));
+        }
+        Ok(Response::new(pb::DeleteWebhookResponse {}))
+    }
+
     #[tracing::instrument(skip_all, err(level = "info"))]
     async fn list_notifications(
         &self,

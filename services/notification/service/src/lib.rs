@@ -3,13 +3,17 @@
 //! notification per event and channel.
 //!
 //! Layout: [`config`], [`app`] (composition and lifecycle), [`consumer`]
-//! (JetStream -> domain), [`store`] (Postgres), [`grpc`] (queries).
+//! (JetStream -> deliveries, retries, dead letters), [`channels`] (log,
+//! SMTP, webhooks), [`store`] (Postgres), [`grpc`] (queries, webhooks),
+//! [`watch`] (live notifications).
 
 pub mod app;
+pub mod channels;
 pub mod config;
 pub mod consumer;
 pub mod grpc;
 pub mod store;
+pub mod watch;
 
 pub use app::Application;
 pub use config::Settings;

@@ -1,0 +1,131 @@
+//! A real HTTP server that receives webhook deliveries, for tests. It can
+//! be told to fail, and keeps every request with its arrival time.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::HeaderMap, http::StatusCode, routing::post};
+use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub at: Instant,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+    /// What the receiver answered.
+    pub status: u16,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    hits: Mutex<Vec<Hit>>,
+    fail_next: AtomicUsize,
+    failing: AtomicBool,
+}
+
+/// The receiver; stops on drop.
+#[derive(Debug)]
+pub struct WebhookReceiver {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+async fn receive(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: String,
+) -> StatusCode {
+    let fail = shared.failing.load(Ordering::SeqCst)
+        || shared
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    let status = if fail {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::NO_CONTENT
+    };
+    let headers = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                v.to_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    if let Ok(mut hits) = shared.hits.lock() {
+        hits.push(Hit {
+            at: Instant::now(),
+            headers,
+            body,
+            status: status.as_u16(),
+        });
+    }
+    status
+}
+
+impl WebhookReceiver {
+    /// Listens on a free loopback port; `POST /hook` receives.
+    ///
+    /// # Errors
+    ///
+    /// When no port can be bound.
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::default());
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Answers 503 to every request until told otherwise.
+    pub fn set_failing(&self, failing: bool) {
+        self.shared.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Answers 503 to the next `n` requests.
+    pub fn fail_next(&self, n: usize) {
+        self.shared.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Every request so far.
+    #[must_use]
+    pub fn hits(&self) -> Vec<Hit> {
+        self.shared
+            .hits
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
+    }
+
+    /// Requests answered with success.
+    #[must_use]
+    pub fn accepted(&self) -> Vec<Hit> {
+        self.hits().into_iter().filter(|h| h.status < 300).collect()
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

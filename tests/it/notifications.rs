@@ -1,0 +1,472 @@
+//! The notification channels against real peers: an SMTP server, an HTTP
+//! webhook receiver; retries, dead letters and redrive; ordering per order
+//! across replicas; live watching.
+
+use std::time::Duration;
+
+use contracts::{
+    notification::v1::{
+        ListNotificationsRequest, RegisterWebhookRequest, WatchNotificationsRequest,
+        notification_service_client::NotificationServiceClient,
+    },
+    order::v1::{CancelOrderRequest, PayOrderRequest, ShipOrderRequest},
+};
+use futures::StreamExt as _;
+use hmac::{KeyInit as _, Mac as _};
+use testkit::{SmtpSink, TestStack, WebhookReceiver, bearer, eventually};
+use tonic::transport::Channel;
+
+use crate::order_api::{item, order};
+
+async fn register(
+    client: &mut NotificationServiceClient<Channel>,
+    token: &str,
+    url: &str,
+) -> anyhow::Result<String> {
+    let registered = client
+        .register_webhook(bearer(
+            token,
+            RegisterWebhookRequest {
+                url: url.to_owned(),
+            },
+        ))
+        .await?
+        .into_inner();
+    Ok(registered.secret)
+}
+
+/// Checks `Shop-Webhook-Signature` independently of the sender's code.
+fn signature_ok(secret: &str, hit: &testkit::Hit) -> bool {
+    let (Some(timestamp), Some(signature)) = (
+        hit.headers.get("shop-webhook-timestamp"),
+        hit.headers.get("shop-webhook-signature"),
+    ) else {
+        return false;
+    };
+    let Some(hex) = signature.strip_prefix("v1=") else {
+        return false;
+    };
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
+        return false;
+    };
+    mac.update(format!("{timestamp}.{}", hit.body).as_bytes());
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    expected == hex
+}
+
+fn event_type(hit: &testkit::Hit) -> String {
+    serde_json::from_str::<serde_json::Value>(&hit.body)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(ToOwned::to_owned))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_email_reaches_a_real_smtp_server_with_recipient_and_content() -> anyhow::Result<()> {
+    let smtp = SmtpSink::start().await?;
+    let port = smtp.addr().port();
+    let stack = TestStack::start_configured(
+        |_| {},
+        |n| {
+            n.channels = "log,email".to_owned();
+            n.smtp.port = port;
+            n.smtp.from = "shop@example.com".to_owned();
+        },
+    )
+    .await?;
+    let (user_id, token) = stack.signed_up_user().await?;
+    let email = stack
+        .users()
+        .await?
+        .get_user(contracts::user::v1::GetUserRequest {
+            user_id: user_id.clone(),
+        })
+        .await?
+        .into_inner()
+        .user
+        .expect("user")
+        .email;
+    let placed = stack
+        .orders()
+        .await?
+        .create_order(bearer(&token, order(vec![item("BOOK-1", 2, 1250)])))
+        .await?
+        .into_inner()
+        .order
+        .expect("order");
+    let mails = eventually("two mails", Duration::from_secs(15), || async {
+        let mails = smtp.mails();
+        (mails.len() >= 2).then_some(mails)
+    })
+    .await?;
+    assert!(
+        mails
+            .iter()
+            .all(|m| m.to == [email.clone()] && m.from == "shop@example.com"),
+        "{mails:?}"
+    );
+    let confirmation = mails
+        .iter()
+        .find(|m| {
+            m.data
+                .contains(&format!("Subject: Order {} confirmed", placed.id))
+        })
+        .expect("the order confirmation");
+    assert!(
+        confirmation
+            .data
+            .contains("We received your order of 2 items totalling 25.00 EUR."),
+        "{}",
+        confirmation.data
+    );
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.data.contains("Subject: Welcome to the shop"))
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.mails().len(), 2, "each mail once");
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn webhooks_are_signed_and_each_event_arrives_once_in_order() -> anyhow::Result<()> {
+    let receiver = WebhookReceiver::start().await?;
+    let stack = TestStack::start().await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let mut notifications = stack.notifications().await?;
+    let secret = register(&mut notifications, &token, &receiver.url()).await?;
+    let mut orders = stack.orders().await?;
+    let placed = orders
+        .create_order(bearer(&token, order(vec![item("A", 1, 3000)])))
+        .await?
+        .into_inner()
+        .order
+        .expect("order");
+    orders
+        .pay_order(bearer(
+            &token,
+            PayOrderRequest {
+                order_id: placed.id.clone(),
+                payment_reference: "p1".to_owned(),
+                amount_minor: 3000,
+                ..Default::default()
+            },
+        ))
+        .await?;
+    orders
+        .ship_order(bearer(
+            &token,
+            ShipOrderRequest {
+                order_id: placed.id.clone(),
+                carrier: "DHL".to_owned(),
+                tracking_number: "JD1".to_owned(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    let hits = eventually(
+        "three webhook deliveries",
+        Duration::from_secs(15),
+        || async {
+            let hits = receiver.accepted();
+            (hits.len() >= 3).then_some(hits)
+        },
+    )
+    .await?;
+    let types: Vec<_> = hits.iter().map(event_type).collect();
+    assert_eq!(types, ["order.created", "order.paid", "order.shipped"]);
+    assert!(
+        hits.iter().all(|h| signature_ok(&secret, h)),
+        "every signature verifies"
+    );
+    assert!(
+        !signature_ok("whsec_wrong", &hits[0]),
+        "a wrong secret does not"
+    );
+    assert!(
+        hits[2].body.contains("tracking number JD1"),
+        "{}",
+        hits[2].body
+    );
+    let ids: std::collections::HashSet<_> = hits
+        .iter()
+        .map(|h| h.headers["shop-webhook-id"].clone())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.hits().len(), 3, "nothing twice");
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_retried_with_growing_gaps_then_dead_lettered_and_redriven_once()
+-> anyhow::Result<()> {
+    let receiver = WebhookReceiver::start().await?;
+    receiver.set_failing(true);
+    let stack = TestStack::start_configured(
+        |_| {},
+        |n| {
+            n.retry_base_ms = 100;
+            n.retry_max_ms = 5000;
+            n.max_deliver = 5;
+        },
+    )
+    .await?;
+    let (user_id, token) = stack.signed_up_user().await?;
+    let mut notifications = stack.notifications().await?;
+    register(&mut notifications, &token, &receiver.url()).await?;
+    let mut orders = stack.orders().await?;
+    let placed = orders
+        .create_order(bearer(&token, order(vec![item("A", 1, 3000)])))
+        .await?
+        .into_inner()
+        .order
+        .expect("order");
+
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
+    let letters = eventually("the dead letter", Duration::from_secs(30), || async {
+        let letters = messaging::dlq::list(&js).await.ok()?;
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await?;
+    let attempts = receiver.hits();
+    assert_eq!(attempts.len(), 5, "max deliveries");
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].at - w[0].at).collect();
+    for (n, gap) in gaps.iter().enumerate() {
+        let ceiling = Duration::from_millis(100 << n);
+        assert!(
+            *gap >= ceiling / 2,
+            "gap {n} {gap:?} is at least half its ceiling {ceiling:?}"
+        );
+        assert!(
+            *gap <= ceiling + Duration::from_millis(400),
+            "gap {n} {gap:?} is capped near {ceiling:?}"
+        );
+    }
+    assert!(
+        gaps.windows(2)
+            .all(|w| w[1] + Duration::from_millis(50) >= w[0]),
+        "gaps grow: {gaps:?}"
+    );
+    let letter = &letters[0];
+    assert_eq!(
+        (
+            letter.subject.as_str(),
+            letter.reason.as_str(),
+            letter.attempts
+        ),
+        ("order.created", "max deliveries reached", 5)
+    );
+    assert!(letter.last_error.contains("503"), "{}", letter.last_error);
+    assert_eq!(letter.consumer, "notification-service-orders");
+    assert!(!letter.payload.is_empty(), "the original payload is kept");
+    let event_id = letter.event_id.clone().expect("event id");
+
+    // The order moves on: a later event is delivered once the endpoint works.
+    receiver.set_failing(false);
+    orders
+        .cancel_order(bearer(
+            &token,
+            CancelOrderRequest {
+                order_id: placed.id.clone(),
+                reason: "test".to_owned(),
+                ..Default::default()
+            },
+        ))
+        .await?;
+    eventually("the cancellation", Duration::from_secs(15), || async {
+        receiver
+            .accepted()
+            .iter()
+            .any(|h| event_type(h) == "order.cancelled")
+            .then_some(())
+    })
+    .await?;
+
+    messaging::dlq::redrive(&js, letter.sequence).await?;
+    eventually("the redriven delivery", Duration::from_secs(15), || async {
+        receiver
+            .accepted()
+            .iter()
+            .any(|h| h.headers["shop-webhook-id"] == event_id)
+            .then_some(())
+    })
+    .await?;
+    assert!(
+        messaging::dlq::list(&js).await?.is_empty(),
+        "redriven letters leave the DLQ"
+    );
+    assert!(matches!(
+        messaging::dlq::redrive(&js, letter.sequence).await,
+        Err(messaging::dlq::DlqError::NotFound(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delivered = receiver
+        .accepted()
+        .iter()
+        .filter(|h| h.headers["shop-webhook-id"] == event_id)
+        .count();
+    assert_eq!(delivered, 1, "delivered exactly once after the redrive");
+    let listed = notifications
+        .list_notifications(bearer(
+            &token,
+            ListNotificationsRequest {
+                user_id,
+                page_size: 50,
+                page_token: String::new(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .notifications;
+    let log_copies = listed
+        .iter()
+        .filter(|n| n.event_id == event_id && n.channel == "log")
+        .count();
+    assert_eq!(
+        log_copies, 1,
+        "the log channel was not repeated by the retries"
+    );
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn notifications_of_one_order_keep_event_order_across_replicas_and_redeliveries()
+-> anyhow::Result<()> {
+    let receiver = WebhookReceiver::start().await?;
+    let stack = TestStack::start_configured(
+        |_| {},
+        |n| {
+            n.retry_base_ms = 50;
+            n.retry_max_ms = 400;
+        },
+    )
+    .await?;
+    // A second replica: same database, same durable consumers.
+    let replica = notification_service::Application::build(notification_service::Settings {
+        grpc_addr: "127.0.0.1:0".to_owned(),
+        admin_addr: "127.0.0.1:0".to_owned(),
+        database_url: stack.notification_db.url.clone(),
+        nats_url: stack.nats.url(),
+        user_service: platform::client::ClientSettings::new(format!("http://{}", stack.user_addr)),
+        retry_base_ms: 50,
+        retry_max_ms: 400,
+        ..Default::default()
+    })
+    .await?;
+    let stop_replica = tokio_util::sync::CancellationToken::new();
+    let replica = tokio::spawn(replica.run_until_stopped(stop_replica.clone()));
+
+    let (_, token) = stack.signed_up_user().await?;
+    register(&mut stack.notifications().await?, &token, &receiver.url()).await?;
+    receiver.fail_next(6);
+    let mut orders = stack.orders().await?;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let placed = orders
+            .create_order(bearer(&token, order(vec![item("A", 1, 100)])))
+            .await?
+            .into_inner()
+            .order
+            .expect("order");
+        orders
+            .pay_order(bearer(
+                &token,
+                PayOrderRequest {
+                    order_id: placed.id.clone(),
+                    payment_reference: "p".to_owned(),
+                    amount_minor: 100,
+                    ..Default::default()
+                },
+            ))
+            .await?;
+        orders
+            .cancel_order(bearer(
+                &token,
+                CancelOrderRequest {
+                    order_id: placed.id.clone(),
+                    reason: "r".to_owned(),
+                    ..Default::default()
+                },
+            ))
+            .await?;
+        ids.push(placed.id);
+    }
+    let accepted = eventually("twelve deliveries", Duration::from_secs(30), || async {
+        let hits = receiver.accepted();
+        (hits.len() >= 12).then_some(hits)
+    })
+    .await?;
+    assert!(receiver.hits().len() > 12, "some deliveries were retried");
+    for id in &ids {
+        let sequence: Vec<_> = accepted
+            .iter()
+            .filter(|h| h.body.contains(id.as_str()))
+            .map(event_type)
+            .collect();
+        assert_eq!(
+            sequence,
+            ["order.created", "order.paid", "order.cancelled"],
+            "order {id}"
+        );
+    }
+    stop_replica.cancel();
+    replica.await??;
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_watcher_receives_the_notification_of_an_order_placed_after_it_opened()
+-> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let mut watch = stack
+        .notifications()
+        .await?
+        .watch_notifications(bearer(&token, WatchNotificationsRequest {}))
+        .await?
+        .into_inner();
+    let placed = stack
+        .orders()
+        .await?
+        .create_order(bearer(&token, order(vec![item("A", 1, 100)])))
+        .await?
+        .into_inner()
+        .order
+        .expect("order");
+    let seen = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(item) = watch.next().await {
+            let notification = item?.notification.expect("notification");
+            if notification.event_type == "order.created" {
+                return anyhow::Ok(notification);
+            }
+        }
+        anyhow::bail!("the stream ended")
+    })
+    .await??;
+    assert!(seen.subject.contains(&placed.id));
+    assert_rejected_watch(&stack).await?;
+    stack.stop().await;
+    Ok(())
+}
+
+async fn assert_rejected_watch(stack: &TestStack) -> anyhow::Result<()> {
+    let status = stack
+        .notifications()
+        .await?
+        .watch_notifications(WatchNotificationsRequest {})
+        .await
+        .expect_err("needs a token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    Ok(())
+}
