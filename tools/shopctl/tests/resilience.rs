@@ -322,3 +322,108 @@ async fn the_callers_deadline_reaches_user_service_reduced() -> anyhow::Result<(
     assert!(seen > 500, "but most of it is left: {seen} ms");
     Ok(())
 }
+
+/// notification-service is SIGKILLed after it delivered a webhook and
+/// recorded it, before it acked the message; restarted, it neither loses
+/// nor repeats the delivery (counted at the receiver).
+#[tokio::test]
+async fn a_notification_service_killed_between_delivery_and_ack_delivers_once() -> anyhow::Result<()>
+{
+    let stack = testkit::TestStack::start().await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let db = TestDb::create("crashy").await?;
+    let receiver = testkit::WebhookReceiver::start().await?;
+    let dir = tempfile::tempdir()?;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let env = |pause_ms: &str| {
+        vec![
+            ("APP_GRPC_ADDR", addr.to_string()),
+            ("APP_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
+            ("APP_DATABASE_URL", db.url.clone()),
+            ("APP_NATS_URL", stack.nats.url()),
+            (
+                "APP_USER_SERVICE__URL",
+                format!("http://{}", stack.user_addr),
+            ),
+            ("APP_CONSUMER_PREFIX", "crashy".to_owned()),
+            ("APP_CHANNELS", "webhook".to_owned()),
+            ("APP_ACK_WAIT_SECS", "2".to_owned()),
+            ("APP_FAULTS__PAUSE_BEFORE_ACK_MS", pause_ms.to_owned()),
+        ]
+    };
+    let mut crashy = Process::spawn(
+        "notification-service",
+        &env("10000"),
+        &dir.path().join("n1.log"),
+    )?;
+    let mut client =
+        contracts::notification::v1::notification_service_client::NotificationServiceClient::new(
+            channel(addr).await?,
+        );
+    client
+        .register_webhook(bearer(
+            &token,
+            contracts::notification::v1::RegisterWebhookRequest {
+                url: receiver.url(),
+            },
+        ))
+        .await?;
+    let mut orders = stack.orders().await?;
+    orders.create_order(bearer(&token, order())).await?;
+    eventually("the first delivery", Duration::from_secs(20), || async {
+        (order_deliveries(&receiver) == 1).then_some(())
+    })
+    .await?;
+    crashy.kill(); // inside the 10 s pause: delivered and recorded, never acked
+
+    let _restarted = Process::spawn(
+        "notification-service",
+        &env("0"),
+        &dir.path().join("n2.log"),
+    )?;
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("ORDERS")
+        .await?
+        .get_consumer("crashy-orders")
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    eventually(
+        "the redelivered message to be acked",
+        Duration::from_secs(30),
+        || {
+            let mut consumer = consumer.clone();
+            async move {
+                let info = consumer.info().await.ok()?;
+                (info.delivered.stream_sequence >= 1
+                    && info.num_ack_pending == 0
+                    && info.num_pending == 0
+                    && info.ack_floor.stream_sequence >= 1)
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
+    assert_eq!(order_deliveries(&receiver), 1, "not delivered twice");
+
+    // And it keeps working: the next order's notification arrives once.
+    orders.create_order(bearer(&token, order())).await?;
+    eventually("the second delivery", Duration::from_secs(20), || async {
+        (order_deliveries(&receiver) == 2).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(order_deliveries(&receiver), 2);
+    stack.stop().await;
+    Ok(())
+}
+
+/// Deliveries of order confirmations (the welcome mail of the sign-up may
+/// arrive too, depending on timing).
+fn order_deliveries(receiver: &testkit::WebhookReceiver) -> usize {
+    receiver
+        .accepted()
+        .iter()
+        .filter(|hit| hit.body.contains("\"type\":\"order.created\""))
+        .count()
+}
