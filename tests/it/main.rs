@@ -7,6 +7,7 @@ mod e2e;
 mod fuzz;
 mod notification_api;
 mod notifications;
+mod observability;
 mod order_api;
 mod orders;
 mod relay;

@@ -57,6 +57,7 @@ pub struct Relay<M> {
     js: jetstream::Context,
     mapper: M,
     config: RelayConfig,
+    metrics: Option<platform::metrics::Metrics>,
 }
 
 impl<M> std::fmt::Debug for Relay<M> {
@@ -80,7 +81,15 @@ impl<M: IntegrationMapper> Relay<M> {
             js,
             mapper,
             config,
+            metrics: None,
         }
+    }
+
+    /// Reports published events and the backlog to `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: platform::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Runs until `shutdown` fires, surviving Postgres and NATS outages.
@@ -104,6 +113,32 @@ impl<M: IntegrationMapper> Relay<M> {
 impl<M: IntegrationMapper> Subscriber for Relay<M> {
     fn name(&self) -> String {
         format!("outbox:{}", self.config.name)
+    }
+
+    /// Measures the backlog between batches (bounded scan).
+    async fn keep_running(
+        &mut self,
+        conn: &mut PgConnection,
+        cursor: &Cursor,
+    ) -> Result<bool, TailError> {
+        if let Some(metrics) = &self.metrics {
+            let row = sqlx::query(
+                "SELECT count(*) AS events, \
+                        COALESCE(EXTRACT(EPOCH FROM now() - min(occurred_at))::float8, 0) AS seconds \
+                 FROM (SELECT occurred_at FROM events WHERE (tx_id, position) > ($1::text::xid8, $2) \
+                       ORDER BY tx_id, position LIMIT 100000) backlog",
+            )
+            .bind(&cursor.tx_id)
+            .bind(cursor.position)
+            .fetch_one(conn)
+            .await?;
+            metrics.set_relay_lag(
+                &self.config.name,
+                row.try_get("events")?,
+                row.try_get("seconds")?,
+            );
+        }
+        Ok(true)
     }
 
     async fn load_cursor(&mut self, conn: &mut PgConnection) -> Result<Cursor, TailError> {
@@ -136,6 +171,11 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
         messaging::publish_all(&self.js, &messages)
             .await
             .map_err(TailError::new)?;
+        if let Some(metrics) = &self.metrics {
+            for message in &messages {
+                metrics.event_published(&message.subject);
+            }
+        }
         sqlx::query(
             "INSERT INTO outbox_checkpoints (name, tx_id, position) VALUES ($1, $2::text::xid8, $3) \
              ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()",

@@ -61,6 +61,7 @@ pub async fn serve(
     routes: tonic::service::Routes,
     service_name: &'static str,
     listener: TcpListener,
+    metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -78,7 +79,10 @@ pub async fn serve(
             .await;
     };
     tonic::transport::Server::builder()
-        .layer(tower::layer::layer_fn(|inner| DeadlineLog { inner }))
+        .layer(tower::layer::layer_fn(move |inner| Observe {
+            inner,
+            metrics: metrics.clone(),
+        }))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), stopping)
         .await
@@ -166,11 +170,19 @@ impl Service {
     ///
     /// When the gRPC transport fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        let admin = tokio::spawn(
-            self.admin
-                .serve(self.metrics, self.readiness, shutdown.clone()),
-        );
-        let result = serve(self.routes, self.name, self.listener, shutdown.clone()).await;
+        let admin = tokio::spawn(self.admin.serve(
+            self.metrics.clone(),
+            self.readiness,
+            shutdown.clone(),
+        ));
+        let result = serve(
+            self.routes,
+            self.name,
+            self.listener,
+            self.metrics,
+            shutdown.clone(),
+        )
+        .await;
         shutdown.cancel();
         for task in self.background.into_iter().chain(std::iter::once(admin)) {
             if let Err(error) = task.await {
@@ -181,20 +193,25 @@ impl Service {
     }
 }
 
-/// Logs (target `shop::deadline`, level debug) the deadline each incoming
-/// call arrived with, so an operator can see deadlines shrink hop by hop.
+/// Observes every call: logs (target `shop::deadline`, level debug) the
+/// deadline it arrived with, and records its method, status code and latency
+/// in the metrics. The code is the `grpc-status` of a trailers-only response
+/// (how tonic answers errors), else OK.
 #[derive(Debug, Clone)]
-struct DeadlineLog<S> {
+struct Observe<S> {
     inner: S,
+    metrics: crate::metrics::Metrics,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for DeadlineLog<S>
+impl<S, B, R> tower::Service<http::Request<B>> for Observe<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(
         &mut self,
@@ -204,20 +221,35 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
         if let Some(value) = request
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
         {
-            let remaining_ms = parse_grpc_timeout(value).map(|d| d.as_millis());
-            tracing::debug!(
-                target: "shop::deadline",
-                method = request.uri().path(),
-                grpc_timeout = value,
-                remaining_ms = remaining_ms.map(|ms| u64::try_from(ms).unwrap_or(u64::MAX)),
-                "incoming deadline"
-            );
+            let remaining_ms =
+                parse_grpc_timeout(value).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            tracing::debug!(target: "shop::deadline", method, grpc_timeout = value, remaining_ms, "incoming deadline");
         }
-        self.inner.call(request)
+        let started = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            if let Ok(response) = &response {
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from);
+                metrics.grpc_served(
+                    &method,
+                    &format!("{code:?}"),
+                    started.elapsed().as_secs_f64(),
+                );
+            }
+            response
+        })
     }
 }

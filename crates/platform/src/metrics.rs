@@ -1,12 +1,18 @@
 //! The service's Prometheus registry (no global state: one per service,
-//! passed by value) and the metrics every service shares. Labels are bounded:
-//! method names, codes, downstream names; never ids.
+//! passed by value) and every metric the services export. Labels are
+//! bounded: method names, status codes, event types, relay, consumer and
+//! downstream names; never ids. Every metric is listed in the README.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use resilience::State;
@@ -16,11 +22,54 @@ struct Downstream {
     downstream: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodCode {
+    method: String,
+    code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Method {
+    method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventType {
+    r#type: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Consumed {
+    r#type: String,
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Name {
+    name: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolState {
+    state: String,
+}
+
 /// A service's metrics. Cloning shares them.
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    registry: Arc<std::sync::Mutex<Registry>>,
+    registry: Arc<Mutex<Registry>>,
     breaker_state: Family<Downstream, Gauge>,
+    grpc_requests: Family<MethodCode, Counter>,
+    grpc_duration: Family<Method, Histogram>,
+    events_appended: Family<EventType, Counter>,
+    events_published: Family<EventType, Counter>,
+    events_consumed: Family<Consumed, Counter>,
+    relay_lag_events: Family<Name, Gauge>,
+    relay_lag_seconds: Family<Name, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    consumer_pending: Family<Name, Gauge>,
+    consumer_redeliveries: Family<Name, Counter>,
+    dlq_messages: Gauge,
+    db_pool: Family<PoolState, Gauge>,
 }
 
 impl Default for Metrics {
@@ -29,33 +78,96 @@ impl Default for Metrics {
     }
 }
 
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
 impl Metrics {
-    /// A registry with the shared metrics, every name prefixed `shop_`.
+    /// A registry with every metric, names prefixed `shop_`.
     #[must_use]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("shop");
-        let breaker_state = Family::<Downstream, Gauge>::default();
+        let metrics = Self {
+            breaker_state: Family::default(),
+            grpc_requests: Family::default(),
+            grpc_duration: Family::new_with_constructor(latency_histogram),
+            events_appended: Family::default(),
+            events_published: Family::default(),
+            events_consumed: Family::default(),
+            relay_lag_events: Family::default(),
+            relay_lag_seconds: Family::default(),
+            consumer_pending: Family::default(),
+            consumer_redeliveries: Family::default(),
+            dlq_messages: Gauge::default(),
+            db_pool: Family::default(),
+            registry: Arc::new(Mutex::new(Registry::default())),
+        };
         registry.register(
             "circuit_breaker_state",
             "Circuit breaker state per downstream: 0 closed, 1 open, 2 half-open",
-            breaker_state.clone(),
+            metrics.breaker_state.clone(),
         );
-        Self {
-            registry: Arc::new(std::sync::Mutex::new(registry)),
-            breaker_state,
-        }
-    }
-
-    /// Registers a service-specific metric.
-    pub fn register(
-        &self,
-        name: &str,
-        help: &str,
-        metric: impl prometheus_client::registry::Metric,
-    ) {
-        if let Ok(mut registry) = self.registry.lock() {
-            registry.register(name, help, metric);
-        }
+        registry.register(
+            "grpc_server_requests",
+            "gRPC requests served, by method and status code",
+            metrics.grpc_requests.clone(),
+        );
+        registry.register(
+            "grpc_server_request_duration_seconds",
+            "gRPC request latency by method",
+            metrics.grpc_duration.clone(),
+        );
+        registry.register(
+            "events_appended",
+            "Events appended to the event store, by type",
+            metrics.events_appended.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events the outbox relay published to JetStream (acked), by type",
+            metrics.events_published.clone(),
+        );
+        registry.register(
+            "events_consumed",
+            "Integration events consumed, by type and outcome (delivered, duplicate, retried, dead_lettered, ignored)",
+            metrics.events_consumed.clone(),
+        );
+        registry.register(
+            "relay_lag_events",
+            "Committed events the outbox relay has not published yet",
+            metrics.relay_lag_events.clone(),
+        );
+        registry.register(
+            "relay_lag_seconds",
+            "Age of the oldest committed event the outbox relay has not published yet",
+            metrics.relay_lag_seconds.clone(),
+        );
+        registry.register(
+            "consumer_pending_messages",
+            "Messages of a durable consumer not yet acknowledged (undelivered plus in flight)",
+            metrics.consumer_pending.clone(),
+        );
+        registry.register(
+            "consumer_redeliveries",
+            "Messages delivered again to a consumer (after a NAK, timeout or crash)",
+            metrics.consumer_redeliveries.clone(),
+        );
+        registry.register(
+            "dlq_messages",
+            "Messages in the dead-letter stream",
+            metrics.dlq_messages.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Postgres pool connections by state (idle, in_use)",
+            metrics.db_pool.clone(),
+        );
+        *metrics
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
+        metrics
     }
 
     /// Records a breaker's state (called on every transition).
@@ -67,6 +179,97 @@ impl Metrics {
             .set(state.as_gauge());
     }
 
+    /// Records one served gRPC call.
+    pub fn grpc_served(&self, method: &str, code: &str, seconds: f64) {
+        self.grpc_requests
+            .get_or_create(&MethodCode {
+                method: method.to_owned(),
+                code: code.to_owned(),
+            })
+            .inc();
+        self.grpc_duration
+            .get_or_create(&Method {
+                method: method.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts appended events of `event_type`.
+    pub fn events_appended(&self, event_type: &str, count: u64) {
+        self.events_appended
+            .get_or_create(&EventType {
+                r#type: event_type.to_owned(),
+            })
+            .inc_by(count);
+    }
+
+    /// Counts a published event of `event_type`.
+    pub fn event_published(&self, event_type: &str) {
+        self.events_published
+            .get_or_create(&EventType {
+                r#type: event_type.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a consumed event of `event_type` by what became of it.
+    pub fn event_consumed(&self, event_type: &str, outcome: &str) {
+        self.events_consumed
+            .get_or_create(&Consumed {
+                r#type: event_type.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The relay's backlog: events and the age of the oldest, in seconds.
+    pub fn set_relay_lag(&self, relay: &str, events: i64, seconds: f64) {
+        let name = Name {
+            name: relay.to_owned(),
+        };
+        self.relay_lag_events.get_or_create(&name).set(events);
+        self.relay_lag_seconds.get_or_create(&name).set(seconds);
+    }
+
+    /// A consumer's undelivered backlog.
+    pub fn set_consumer_pending(&self, consumer: &str, pending: i64) {
+        self.consumer_pending
+            .get_or_create(&Name {
+                name: consumer.to_owned(),
+            })
+            .set(pending);
+    }
+
+    /// Counts a redelivered message.
+    pub fn consumer_redelivery(&self, consumer: &str) {
+        self.consumer_redeliveries
+            .get_or_create(&Name {
+                name: consumer.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Messages in the dead-letter stream.
+    pub fn set_dlq_messages(&self, count: i64) {
+        self.dlq_messages.set(count);
+    }
+
+    /// The pool's connections.
+    pub fn set_db_pool(&self, pool: &sqlx::PgPool) {
+        let idle = i64::try_from(pool.num_idle()).unwrap_or(i64::MAX);
+        let size = i64::from(pool.size());
+        self.db_pool
+            .get_or_create(&PoolState {
+                state: "idle".to_owned(),
+            })
+            .set(idle);
+        self.db_pool
+            .get_or_create(&PoolState {
+                state: "in_use".to_owned(),
+            })
+            .set((size - idle).max(0));
+    }
+
     /// The text exposition of every metric.
     #[must_use]
     pub fn encode(&self) -> String {
@@ -75,5 +278,20 @@ impl Metrics {
             let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         }
         out
+    }
+}
+
+/// Samples the pool into `metrics` every few seconds until `shutdown`.
+pub async fn sample_pool(
+    metrics: Metrics,
+    pool: sqlx::PgPool,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        metrics.set_db_pool(&pool);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
     }
 }

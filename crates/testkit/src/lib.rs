@@ -75,3 +75,52 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A plain HTTP/1.1 GET (admin endpoints): status code and body.
+///
+/// # Errors
+///
+/// When the connection fails or the answer is not HTTP.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {response:?}"))?
+        .parse()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition
+/// (`labels` as written, e.g. `type="order.created"`; empty for none).
+#[must_use]
+pub fn metric(exposition: &str, name: &str, labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let matches = if labels.is_empty() {
+            series == name
+        } else {
+            series
+                .strip_prefix(name)?
+                .strip_prefix('{')?
+                .strip_suffix('}')?
+                .split(',')
+                .collect::<Vec<_>>()
+                == labels.split(',').collect::<Vec<_>>()
+                || series == format!("{name}{{{labels}}}")
+        };
+        if matches { value.parse().ok() } else { None }
+    })
+}

@@ -34,6 +34,8 @@ pub struct Application {
     store: NotificationStore,
     auth: Authenticator,
     consumers: Vec<PullConsumer>,
+    /// Clones of the consumers, for sampling their backlog.
+    sampled_consumers: Vec<PullConsumer>,
     deliverer: Deliverer,
     database_url: String,
     metrics: Metrics,
@@ -85,6 +87,7 @@ impl Application {
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
         let store = NotificationStore::new(pool.clone());
+        let metrics = Metrics::new();
         let deliverer = Deliverer {
             store: store.clone(),
             js: js.clone(),
@@ -108,8 +111,8 @@ impl Application {
             ),
             max_deliver: settings.max_deliver.max(1),
             pause_before_ack: Duration::from_millis(settings.faults.pause_before_ack_ms),
+            metrics: metrics.clone(),
         };
-        let metrics = Metrics::new();
         let auth = Authenticator::new(
             &settings.user_service,
             Duration::from_secs(settings.token_cache_secs),
@@ -124,6 +127,7 @@ impl Application {
             admin,
             store,
             auth,
+            sampled_consumers: consumers.clone(),
             consumers,
             deliverer,
             database_url: settings.database_url,
@@ -161,6 +165,13 @@ impl Application {
         background.push(tokio::spawn(
             hub.clone().run(self.database_url, shutdown.clone()),
         ));
+        background.push(tokio::spawn(sample(
+            self.metrics.clone(),
+            self.store.pool().clone(),
+            self.sampled_consumers,
+            self.deliverer.js.clone(),
+            shutdown.clone(),
+        )));
         platform::grpc::Service {
             routes: tonic::service::Routes::new(NotificationServiceServer::new(
                 NotificationApi::new(self.store, self.auth, hub, shutdown.clone()),
@@ -168,11 +179,41 @@ impl Application {
             name: NotificationServiceServer::<NotificationApi>::NAME,
             listener: self.listener,
             admin: self.admin,
-            metrics: self.metrics,
+            metrics: self.metrics.clone(),
             readiness: self.readiness,
             background,
         }
         .run(shutdown)
         .await
+    }
+}
+
+/// Samples consumer backlogs, the dead-letter depth and the pool into the
+/// metrics every few seconds.
+async fn sample(
+    metrics: Metrics,
+    pool: sqlx::PgPool,
+    mut consumers: Vec<PullConsumer>,
+    js: async_nats::jetstream::Context,
+    shutdown: CancellationToken,
+) {
+    loop {
+        metrics.set_db_pool(&pool);
+        for consumer in &mut consumers {
+            if let Ok(info) = consumer.info().await {
+                let pending = i64::try_from(info.num_pending).unwrap_or(i64::MAX)
+                    + i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX);
+                metrics.set_consumer_pending(&info.name, pending);
+            }
+        }
+        if let Ok(mut stream) = js.get_stream(messaging::dlq::DLQ_STREAM.name).await
+            && let Ok(info) = stream.info().await
+        {
+            metrics.set_dlq_messages(i64::try_from(info.state.messages).unwrap_or(i64::MAX));
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
     }
 }

@@ -223,9 +223,23 @@ pub struct Deliverer {
     pub backoff: Backoff,
     pub max_deliver: i64,
     pub pause_before_ack: Duration,
+    pub metrics: platform::metrics::Metrics,
 }
 
 impl Deliverer {
+    /// Whether this service acts on `subject` at all.
+    fn store_known(&self, subject: &str) -> bool {
+        matches!(
+            subject,
+            "user.created"
+                | "order.created"
+                | "order.paid"
+                | "order.shipped"
+                | "order.delivered"
+                | "order.cancelled"
+        )
+    }
+
     /// Delivers what `decoded` causes. A redriven dead letter skips the
     /// ordering gate: its order has moved on, and it is delivered late, once.
     async fn process(
@@ -453,6 +467,16 @@ impl Deliverer {
                 }
             },
         };
+        let counted = match &outcome {
+            AckKind::Ack if !self.store_known(&subject) => "ignored",
+            AckKind::Ack => "delivered",
+            AckKind::Term => "dead_lettered",
+            _ => "retried",
+        };
+        self.metrics.event_consumed(&subject, counted);
+        if attempts > 1 {
+            self.metrics.consumer_redelivery(consumer);
+        }
         if let Err(error) = message.ack_with(outcome).await {
             tracing::warn!(%error, %subject, "ack failed; the message will be redelivered");
         }

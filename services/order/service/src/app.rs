@@ -56,13 +56,14 @@ impl Application {
         messaging::ensure_stream(&js, messaging::ORDERS_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
+        let metrics = Metrics::new();
         let relay = Relay::new(
             settings.database_url.clone(),
             js,
             OrderEvents,
             RelayConfig::new("order-events"),
-        );
-        let metrics = Metrics::new();
+        )
+        .with_metrics(metrics.clone());
         let auth = Authenticator::new(
             &settings.user_service,
             Duration::from_secs(settings.token_cache_secs),
@@ -72,7 +73,8 @@ impl Application {
             .postgres(pool.clone())
             .nats(nats)
             .breaker(auth.breaker().clone());
-        let commands = OrderCommands::new(EventStore::new(pool.clone()), settings.snapshot_every);
+        let commands = OrderCommands::new(EventStore::new(pool.clone()), settings.snapshot_every)
+            .with_metrics(metrics.clone());
         let reads = ReadModels::new(
             pool.clone(),
             Duration::from_millis(settings.read_your_writes_timeout_ms),
@@ -118,6 +120,11 @@ impl Application {
             ..TailConfig::default()
         };
         let background = vec![
+            tokio::spawn(platform::metrics::sample_pool(
+                self.metrics.clone(),
+                self.pool.clone(),
+                shutdown.clone(),
+            )),
             tokio::spawn(self.relay.run(shutdown.clone())),
             tokio::spawn(projection::run(
                 self.pool.clone(),
@@ -139,7 +146,7 @@ impl Application {
             name: OrderServiceServer::<OrderApi>::NAME,
             listener: self.listener,
             admin: self.admin,
-            metrics: self.metrics,
+            metrics: self.metrics.clone(),
             readiness: self.readiness,
             background,
         }

@@ -48,6 +48,7 @@ pub struct OrderCommands {
     store: EventStore,
     /// Store a snapshot each time a stream's version crosses a multiple of this.
     snapshot_every: i64,
+    metrics: Option<platform::metrics::Metrics>,
 }
 
 fn decode(event: &RecordedEvent) -> Result<OrderEvent, DecodeError> {
@@ -68,7 +69,15 @@ impl OrderCommands {
         Self {
             store,
             snapshot_every: snapshot_every.max(1),
+            metrics: None,
         }
+    }
+
+    /// Counts appended events in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: platform::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     #[must_use]
@@ -294,11 +303,18 @@ impl OrderCommands {
             )
             .await
         {
-            Ok(appended) => Ok(Outcome {
-                order: next,
-                times: (first_at, now),
-                position: appended.position,
-            }),
+            Ok(appended) => {
+                if let Some(metrics) = &self.metrics {
+                    for event in &new_events {
+                        metrics.events_appended(event.event_type, 1);
+                    }
+                }
+                Ok(Outcome {
+                    order: next,
+                    times: (first_at, now),
+                    position: appended.position,
+                })
+            }
             Err(AppendError::Conflict { .. }) => Err(CommandError::Conflict(order_id)),
             // A concurrent retry with the same key won: answer as it did.
             Err(AppendError::DuplicateKey) => self.original_for_key(key.unwrap_or_default()).await,

@@ -33,6 +33,7 @@ pub struct Application {
     relay: Relay<UserEvents>,
     metrics: Metrics,
     readiness: Readiness,
+    pool: sqlx::PgPool,
 }
 
 impl Application {
@@ -53,12 +54,14 @@ impl Application {
         messaging::ensure_stream(&js, messaging::USERS_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
+        let metrics = Metrics::new();
         let relay = Relay::new(
             settings.database_url.clone(),
             js,
             UserEvents,
             RelayConfig::new("user-events"),
-        );
+        )
+        .with_metrics(metrics.clone());
         let auth = &settings.auth;
         let throttle = LoginThrottle::new(
             pool.clone(),
@@ -66,8 +69,13 @@ impl Application {
             auth.failed_login_window_secs,
             auth.lockout_secs,
         );
-        let api = UserApi::new(UserStore::new(pool.clone()), token_issuer(auth)?, throttle);
-        let readiness = Readiness::new().postgres(pool).nats(nats);
+        let api = UserApi::new(
+            UserStore::new(pool.clone()),
+            token_issuer(auth)?,
+            throttle,
+            metrics.clone(),
+        );
+        let readiness = Readiness::new().postgres(pool.clone()).nats(nats);
         let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
         let admin = AdminServer::bind(&settings.admin_addr).await?;
         Ok(Self {
@@ -76,7 +84,8 @@ impl Application {
             admin,
             api,
             relay,
-            metrics: Metrics::new(),
+            metrics,
+            pool,
             readiness,
         })
     }
@@ -106,9 +115,16 @@ impl Application {
             name: UserServiceServer::<UserApi>::NAME,
             listener: self.listener,
             admin: self.admin,
-            metrics: self.metrics,
+            metrics: self.metrics.clone(),
             readiness: self.readiness,
-            background: vec![tokio::spawn(self.relay.run(shutdown.clone()))],
+            background: vec![
+                tokio::spawn(self.relay.run(shutdown.clone())),
+                tokio::spawn(platform::metrics::sample_pool(
+                    self.metrics.clone(),
+                    self.pool,
+                    shutdown.clone(),
+                )),
+            ],
         }
         .run(shutdown)
         .await

@@ -20,15 +20,22 @@ pub struct UserApi {
     store: UserStore,
     tokens: TokenIssuer,
     throttle: LoginThrottle,
+    metrics: platform::metrics::Metrics,
 }
 
 impl UserApi {
     #[must_use]
-    pub fn new(store: UserStore, tokens: TokenIssuer, throttle: LoginThrottle) -> Self {
+    pub fn new(
+        store: UserStore,
+        tokens: TokenIssuer,
+        throttle: LoginThrottle,
+        metrics: platform::metrics::Metrics,
+    ) -> Self {
         Self {
             store,
             tokens,
             throttle,
+            metrics,
         }
     }
 }
@@ -84,6 +91,7 @@ impl UserService for UserApi {
                 StoreError::Database(e) => status::from_sqlx(&e),
                 StoreError::Append(e) => status::unavailable("database", &e),
             })?;
+        self.metrics.events_appended("user.created", 1);
         tracing::info!(user_id = %user.id, "user created");
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(to_proto(&user)),

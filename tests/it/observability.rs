@@ -1,0 +1,238 @@
+//! What operators see: the metrics a real flow must produce on each
+//! service's admin port, and readiness that follows the dependencies.
+
+use std::time::Duration;
+
+use contracts::order::v1::PayOrderRequest;
+use testkit::{TestStack, bearer, eventually, http_get, metric};
+
+use crate::order_api::{item, order};
+
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    let (status, body) = http_get(addr, "/metrics").await?;
+    anyhow::ensure!(status == 200, "metrics answered {status}");
+    Ok(body)
+}
+
+#[tokio::test]
+async fn a_flow_shows_up_in_every_services_metrics() -> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let mut orders = stack.orders().await?;
+    let placed = orders
+        .create_order(bearer(&token, order(vec![item("A", 2, 500)])))
+        .await?
+        .into_inner()
+        .order
+        .expect("order");
+    orders
+        .pay_order(bearer(
+            &token,
+            PayOrderRequest {
+                order_id: placed.id.clone(),
+                payment_reference: "p".to_owned(),
+                amount_minor: 1000,
+                ..Default::default()
+            },
+        ))
+        .await?;
+    let refused = orders.create_order(bearer(&token, order(vec![]))).await;
+    assert!(refused.is_err());
+
+    let order_metrics = eventually(
+        "order events published",
+        Duration::from_secs(10),
+        || async {
+            let body = scrape(stack.order_admin).await.ok()?;
+            (metric(&body, "shop_events_published_total", "type=\"order.paid\"") == Some(1.0))
+                .then_some(body)
+        },
+    )
+    .await?;
+    let create = "/shop.order.v1.OrderService/CreateOrder";
+    assert_eq!(
+        metric(
+            &order_metrics,
+            "shop_grpc_server_requests_total",
+            &format!("method=\"{create}\",code=\"Ok\"")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &order_metrics,
+            "shop_grpc_server_requests_total",
+            &format!("method=\"{create}\",code=\"InvalidArgument\"")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &order_metrics,
+            "shop_grpc_server_request_duration_seconds_count",
+            &format!("method=\"{create}\"")
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &order_metrics,
+            "shop_events_appended_total",
+            "type=\"order.created\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &order_metrics,
+            "shop_events_appended_total",
+            "type=\"order.paid\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &order_metrics,
+            "shop_events_published_total",
+            "type=\"order.created\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &order_metrics,
+            "shop_circuit_breaker_state",
+            "downstream=\"user-service\""
+        ),
+        Some(0.0)
+    );
+    let order_metrics = eventually(
+        "the relay backlog to drain",
+        Duration::from_secs(10),
+        || async {
+            let body = scrape(stack.order_admin).await.ok()?;
+            (metric(&body, "shop_relay_lag_events", "name=\"order-events\"") == Some(0.0))
+                .then_some(body)
+        },
+    )
+    .await?;
+    assert_eq!(
+        metric(
+            &order_metrics,
+            "shop_relay_lag_seconds",
+            "name=\"order-events\""
+        ),
+        Some(0.0)
+    );
+    assert!(metric(&order_metrics, "shop_db_pool_connections", "state=\"idle\"").is_some());
+
+    let user_metrics = scrape(stack.user_admin).await?;
+    assert_eq!(
+        metric(
+            &user_metrics,
+            "shop_events_appended_total",
+            "type=\"user.created\""
+        ),
+        Some(1.0)
+    );
+    let validations = metric(
+        &user_metrics,
+        "shop_grpc_server_requests_total",
+        "method=\"/shop.user.v1.UserService/ValidateToken\",code=\"Ok\"",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        validations >= 1.0,
+        "order-service asked user-service ({validations})"
+    );
+
+    let notification_metrics = eventually(
+        "both order events consumed",
+        Duration::from_secs(10),
+        || async {
+            let body = scrape(stack.notification_admin).await.ok()?;
+            (metric(
+                &body,
+                "shop_events_consumed_total",
+                "type=\"order.paid\",outcome=\"delivered\"",
+            ) == Some(1.0))
+            .then_some(body)
+        },
+    )
+    .await?;
+    assert_eq!(
+        metric(
+            &notification_metrics,
+            "shop_events_consumed_total",
+            "type=\"order.created\",outcome=\"delivered\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &notification_metrics,
+            "shop_events_consumed_total",
+            "type=\"user.created\",outcome=\"delivered\""
+        ),
+        Some(1.0)
+    );
+    let drained = eventually(
+        "consumer backlog sampled at zero",
+        Duration::from_secs(10),
+        || async {
+            let body = scrape(stack.notification_admin).await.ok()?;
+            (metric(
+                &body,
+                "shop_consumer_pending_messages",
+                "name=\"notification-service-orders\"",
+            ) == Some(0.0))
+            .then_some(body)
+        },
+    )
+    .await?;
+    assert_eq!(metric(&drained, "shop_dlq_messages", ""), Some(0.0));
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_follows_nats_while_liveness_stays_up() -> anyhow::Result<()> {
+    let mut stack = TestStack::start().await?;
+    for addr in [
+        stack.user_admin,
+        stack.order_admin,
+        stack.notification_admin,
+    ] {
+        assert_eq!(http_get(addr, "/readyz").await?.0, 200);
+        assert_eq!(http_get(addr, "/livez").await?.0, 200);
+    }
+    stack.nats.kill();
+    let admin = stack.order_admin;
+    let body = eventually(
+        "order-service to turn unready",
+        Duration::from_secs(15),
+        || async move {
+            let (status, body) = http_get(admin, "/readyz").await.ok()?;
+            (status == 503).then_some(body)
+        },
+    )
+    .await?;
+    assert!(body.contains("nats"), "{body}");
+    assert_eq!(
+        http_get(admin, "/livez").await?.0,
+        200,
+        "liveness is process-local"
+    );
+    stack.nats.start_again().await?;
+    eventually(
+        "order-service to be ready again",
+        Duration::from_secs(30),
+        || async move {
+            let (status, _) = http_get(admin, "/readyz").await.ok()?;
+            (status == 200).then_some(())
+        },
+    )
+    .await?;
+    stack.stop().await;
+    Ok(())
+}
