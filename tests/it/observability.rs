@@ -191,6 +191,22 @@ async fn a_flow_shows_up_in_every_services_metrics() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(metric(&drained, "shop_dlq_messages", ""), Some(0.0));
+
+    // Every documented metric is exported by some service.
+    let exported: std::collections::BTreeSet<String> = [&order_metrics, &user_metrics, &drained]
+        .iter()
+        .flat_map(|body| body.lines())
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_whitespace().next())
+        .map(ToOwned::to_owned)
+        .collect();
+    for name in crate::deploy::documented()? {
+        let family = name.strip_suffix("_total").unwrap_or(&name);
+        assert!(
+            exported.contains(family),
+            "{name} is documented but not exported: {exported:?}"
+        );
+    }
     stack.stop().await;
     Ok(())
 }

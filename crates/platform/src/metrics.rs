@@ -240,6 +240,16 @@ impl Metrics {
             .set(pending);
     }
 
+    /// Exports a consumer's series at zero before anything happens, so
+    /// `rate()` works from the start.
+    pub fn init_consumer(&self, consumer: &str) {
+        let name = Name {
+            name: consumer.to_owned(),
+        };
+        self.consumer_redeliveries.get_or_create(&name);
+        self.consumer_pending.get_or_create(&name);
+    }
+
     /// Counts a redelivered message.
     pub fn consumer_redelivery(&self, consumer: &str) {
         self.consumer_redeliveries

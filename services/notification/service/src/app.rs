@@ -75,6 +75,10 @@ impl Application {
             consumer_spec(&settings, messaging::USERS_STREAM, "users", "user.>"),
             consumer_spec(&settings, messaging::ORDERS_STREAM, "orders", "order.>"),
         ];
+        let metrics = Metrics::new();
+        for spec in &specs {
+            metrics.init_consumer(&spec.durable_name);
+        }
         let mut consumers = Vec::with_capacity(specs.len());
         for spec in &specs {
             consumers.push(
@@ -87,7 +91,6 @@ impl Application {
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
         let store = NotificationStore::new(pool.clone());
-        let metrics = Metrics::new();
         let deliverer = Deliverer {
             store: store.clone(),
             js: js.clone(),
