@@ -246,8 +246,8 @@ impl Metrics {
         let name = Name {
             name: consumer.to_owned(),
         };
-        self.consumer_redeliveries.get_or_create(&name);
-        self.consumer_pending.get_or_create(&name);
+        self.consumer_redeliveries.get_or_create(&name).inc_by(0);
+        self.consumer_pending.get_or_create(&name).set(0);
     }
 
     /// Counts a redelivered message.
