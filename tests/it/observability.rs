@@ -234,6 +234,26 @@ async fn readiness_follows_nats_while_liveness_stays_up() -> anyhow::Result<()> 
     )
     .await?;
     assert!(body.contains("nats"), "{body}");
+    let health = tonic_health::pb::health_client::HealthClient::new(
+        stack.channel_to(stack.order_addr).await?,
+    );
+    let check = || tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    let unhealthy = eventually(
+        "gRPC health to say NOT_SERVING too",
+        Duration::from_secs(10),
+        || {
+            let mut health = health.clone();
+            async move {
+                (health.check(check()).await.ok()?.into_inner().status()
+                    == tonic_health::pb::health_check_response::ServingStatus::NotServing)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(unhealthy.is_ok(), "health follows readiness");
     assert_eq!(
         http_get(admin, "/livez").await?.0,
         200,

@@ -50,9 +50,9 @@ pub fn reflection() -> Result<
 }
 
 /// Serves `routes` plus health and reflection on `listener` until `shutdown`
-/// fires. Health says SERVING for the overall server and `service_name` while
-/// running, NOT_SERVING as soon as shutdown starts (so load balancers drain
-/// before in-flight calls finish).
+/// fires. Health follows `readiness` (checked every second) for the overall
+/// server and `service_name`, and says NOT_SERVING as soon as shutdown
+/// starts (so load balancers drain before in-flight calls finish).
 ///
 /// # Errors
 ///
@@ -62,6 +62,7 @@ pub async fn serve(
     service_name: &'static str,
     listener: TcpListener,
     metrics: crate::metrics::Metrics,
+    readiness: crate::admin::Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -69,8 +70,33 @@ pub async fn serve(
         .set_service_status(service_name, ServingStatus::Serving)
         .await;
     let routes = routes.add_service(health).add_service(reflection()?);
+    // The health service tells the same truth as /readyz.
+    let follower = {
+        let (reporter, shutdown) = (reporter.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut serving = true;
+            loop {
+                let ready = readiness.problems().await.is_empty();
+                if ready != serving {
+                    serving = ready;
+                    let status = if ready {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    reporter.set_service_status("", status).await;
+                    reporter.set_service_status(service_name, status).await;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        })
+    };
     let stopping = async move {
         shutdown.cancelled().await;
+        let _ = follower.await;
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -172,7 +198,7 @@ impl Service {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let admin = tokio::spawn(self.admin.serve(
             self.metrics.clone(),
-            self.readiness,
+            self.readiness.clone(),
             shutdown.clone(),
         ));
         let result = serve(
@@ -180,6 +206,7 @@ impl Service {
             self.name,
             self.listener,
             self.metrics,
+            self.readiness,
             shutdown.clone(),
         )
         .await;
