@@ -163,14 +163,14 @@ async fn authentication_gives_a_token_that_validates_and_refuses_bad_credentials
 
 #[tokio::test]
 async fn an_expired_token_is_refused_everywhere() -> anyhow::Result<()> {
-    let stack = TestStack::start_with(|auth| auth.token_ttl_secs = 1).await?;
+    let stack = TestStack::start_with(|auth| auth.token_ttl_secs = 4).await?;
     let (_, token) = stack.signed_up_user().await?;
     let mut users = stack.users().await?;
     let validate = |t: &str| ValidateTokenRequest {
         access_token: t.to_owned(),
     };
     users.validate_token(validate(&token)).await?;
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5100)).await;
     let expired = users
         .validate_token(validate(&token))
         .await
@@ -200,7 +200,7 @@ async fn an_expired_token_is_refused_everywhere() -> anyhow::Result<()> {
 async fn repeated_failures_lock_an_email_for_a_while_known_or_not() -> anyhow::Result<()> {
     let stack = TestStack::start_with(|auth| {
         auth.max_failed_logins = 3;
-        auth.lockout_secs = 2;
+        auth.lockout_secs = 5;
     })
     .await?;
     let mut users = stack.users().await?;
@@ -233,7 +233,7 @@ async fn repeated_failures_lock_an_email_for_a_while_known_or_not() -> anyhow::R
             throttled.message()
         );
     }
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5100)).await;
     users
         .authenticate(auth("LOCKED@example.com", "right password"))
         .await?;
