@@ -186,9 +186,26 @@ impl<P: Projection> Subscriber for Generation<P> {
         };
         let mut tx = conn.begin().await?;
         for (_, event) in batch {
-            self.projection
-                .apply(&mut tx, self.generation, event)
-                .await?;
+            // Each application continues the trace of the command that wrote the event.
+            let span = tracing::info_span!(
+                "projection.apply",
+                otel.name = "projection apply",
+                projection = self.projection.name(),
+                generation = self.generation,
+                event.r#type = %event.event_type,
+                event.id = %event.event_id,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            platform::trace::set_parent(
+                &span,
+                platform::trace::from_traceparent(event.context.traceparent.as_deref()),
+            );
+            tracing::Instrument::instrument(
+                self.projection.apply(&mut tx, self.generation, event),
+                span,
+            )
+            .await?;
         }
         self.save_cursor(&mut tx, last).await?;
         tx.commit().await?;

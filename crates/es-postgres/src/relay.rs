@@ -98,16 +98,6 @@ impl<M: IntegrationMapper> Relay<M> {
         let url = self.database_url.clone();
         tail::run(url, self, tail_config, shutdown).await;
     }
-
-    fn messages(
-        &self,
-        events: impl Iterator<Item = RecordedEvent>,
-    ) -> Result<Vec<OutboundMessage>, MapError> {
-        events
-            .map(|event| self.mapper.map(&event))
-            .filter_map(Result::transpose)
-            .collect()
-    }
 }
 
 impl<M: IntegrationMapper> Subscriber for Relay<M> {
@@ -165,9 +155,46 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
         let Some((last, _)) = batch.last() else {
             return Ok(());
         };
-        let messages = self
-            .messages(batch.iter().map(|(_, e)| e.clone()))
-            .map_err(TailError::new)?;
+        // One producer span per event, child of the span that wrote it; its
+        // context replaces the stored traceparent in the NATS headers, so the
+        // consumer's span hangs below it. The spans end once JetStream acked.
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        for (_, event) in batch {
+            let span = tracing::info_span!(
+                "relay.publish",
+                otel.name = "outbox publish",
+                otel.kind = "producer",
+                relay = %self.config.name,
+                event.r#type = %event.event_type,
+                event.id = %event.event_id,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            platform::trace::set_parent(
+                &span,
+                platform::trace::from_traceparent(event.context.traceparent.as_deref()),
+            );
+            let mapped = span.in_scope(|| {
+                self.mapper.map(event).map(|message| {
+                    message.map(|mut message| {
+                        if let Some(traceparent) = platform::trace::current_traceparent() {
+                            message
+                                .headers
+                                .retain(|(name, _)| *name != messaging::headers::TRACEPARENT);
+                            message
+                                .headers
+                                .push((messaging::headers::TRACEPARENT, traceparent));
+                        }
+                        message
+                    })
+                })
+            });
+            if let Some(message) = mapped.map_err(TailError::new)? {
+                messages.push(message);
+            }
+            spans.push(span);
+        }
         messaging::publish_all(&self.js, &messages)
             .await
             .map_err(TailError::new)?;

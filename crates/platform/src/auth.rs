@@ -128,7 +128,10 @@ impl Authenticator {
                         .metadata_mut()
                         .insert(crate::grpc::CORRELATION_ID, value.clone());
                 }
-                if let Some(value) = &traceparent {
+                crate::trace::inject(request.metadata_mut());
+                if !request.metadata().contains_key("traceparent")
+                    && let Some(value) = &traceparent
+                {
                     request.metadata_mut().insert("traceparent", value.clone());
                 }
                 let mut client = self.client.clone();

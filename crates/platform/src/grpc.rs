@@ -108,6 +108,7 @@ pub async fn serve(
         .layer(tower::layer::layer_fn(move |inner| Observe {
             inner,
             metrics: metrics.clone(),
+            service: service_name,
         }))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), stopping)
@@ -228,6 +229,7 @@ impl Service {
 struct Observe<S> {
     inner: S,
     metrics: crate::metrics::Metrics,
+    service: &'static str,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Observe<S>
@@ -260,8 +262,19 @@ where
         }
         let started = std::time::Instant::now();
         let metrics = self.metrics.clone();
-        let response = self.inner.call(request);
-        Box::pin(async move {
+        // The server span continues the caller's trace (W3C traceparent).
+        let span = tracing::info_span!(
+            "grpc.server",
+            otel.name = %method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            shop.service = self.service,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+        );
+        crate::trace::set_parent(&span, crate::trace::extract(request.headers()));
+        let response = span.in_scope(|| self.inner.call(request));
+        let observed = async move {
             let response = response.await;
             if let Ok(response) = &response {
                 let code = response
@@ -277,6 +290,7 @@ where
                 );
             }
             response
-        })
+        };
+        Box::pin(tracing::Instrument::instrument(observed, span))
     }
 }

@@ -13,6 +13,7 @@ pub mod nats;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod trace;
 
 /// Why a service could not start.
 #[derive(Debug, thiserror::Error)]

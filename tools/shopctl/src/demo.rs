@@ -33,7 +33,7 @@ pub(crate) async fn run_or_start(stack_file: &Path) -> anyhow::Result<()> {
         "No running stack found at {}; starting one for the demo.",
         stack_file.display()
     );
-    platform::telemetry::init("shopctl");
+    let _telemetry = platform::telemetry::init("shopctl");
     let options = UpOptions {
         nats_url: std::env::var("NATS_URL").ok(),
         database_url: std::env::var("DATABASE_URL").ok(),

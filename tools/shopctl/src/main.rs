@@ -167,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
             exit_after_demo,
             options,
         } => {
-            platform::telemetry::init("shopctl");
+            let _telemetry = platform::telemetry::init("shopctl");
             stack::up(options, demo, exit_after_demo).await
         }
         Command::Demo { stack_file } => demo::run_or_start(&stack_file).await,
@@ -214,22 +214,30 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(service: Service) -> anyhow::Result<()> {
     let shutdown = platform::shutdown::on_signal();
-    match service {
-        Service::User => {
-            platform::telemetry::init("user-service");
-            let app = user_service::Application::build(platform::config::load()?).await?;
-            app.run_until_stopped(shutdown).await?;
-        }
+    let name = match service {
+        Service::User => "user-service",
+        Service::Order => "order-service",
+        Service::Notification => "notification-service",
+    };
+    let telemetry = platform::telemetry::init(name);
+    let result = match service {
+        Service::User => match user_service::Application::build(platform::config::load()?).await {
+            Ok(app) => app.run_until_stopped(shutdown).await,
+            Err(error) => Err(error),
+        },
         Service::Order => {
-            platform::telemetry::init("order-service");
-            let app = order_service::Application::build(platform::config::load()?).await?;
-            app.run_until_stopped(shutdown).await?;
+            match order_service::Application::build(platform::config::load()?).await {
+                Ok(app) => app.run_until_stopped(shutdown).await,
+                Err(error) => Err(error),
+            }
         }
         Service::Notification => {
-            platform::telemetry::init("notification-service");
-            let app = notification_service::Application::build(platform::config::load()?).await?;
-            app.run_until_stopped(shutdown).await?;
+            match notification_service::Application::build(platform::config::load()?).await {
+                Ok(app) => app.run_until_stopped(shutdown).await,
+                Err(error) => Err(error),
+            }
         }
-    }
-    Ok(())
+    };
+    telemetry.shutdown();
+    Ok(result?)
 }

@@ -427,3 +427,155 @@ fn order_deliveries(receiver: &testkit::WebhookReceiver) -> usize {
         .filter(|hit| hit.body.contains("\"type\":\"order.created\""))
         .count()
 }
+
+/// One order, one trace: CreateOrder in order-service, ValidateToken in
+/// user-service, the outbox relay, both projections and the notification
+/// consumer all report spans of the same trace to an OTLP receiver, each
+/// hanging below the span that caused it.
+#[tokio::test]
+async fn one_order_is_one_trace_across_services_and_the_event_bus() -> anyhow::Result<()> {
+    let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start()
+        .await
+        .map_err(|e| anyhow::anyhow!("collector: {e}"))?;
+    let (env, _proxy) = env(&[]).await?;
+    let otel = |mut vars: Vec<(&'static str, String)>| {
+        vars.push(("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()));
+        vars.push(("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()));
+        vars
+    };
+    let notifications_db = TestDb::create("trace_notifications").await?;
+    let mut notification_env: Vec<(&'static str, String)> = vec![
+        ("APP_GRPC_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("APP_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
+        ("APP_DATABASE_URL", notifications_db.url.clone()),
+        ("APP_USER_SERVICE__URL", format!("http://{}", env.user_addr)),
+    ];
+    notification_env.extend(
+        env.users_env
+            .iter()
+            .filter(|(k, _)| *k == "APP_NATS_URL")
+            .cloned(),
+    );
+    let _users = Process::spawn(
+        "user-service",
+        &otel(env.users_env.clone()),
+        &env.dir.join("u.log"),
+    )?;
+    // order-service talks to user-service directly here (no proxy).
+    let mut orders_env = otel(env.orders_env.clone());
+    for (key, value) in &mut orders_env {
+        if *key == "APP_USER_SERVICE__URL" {
+            *value = format!("http://{}", env.user_addr);
+        }
+    }
+    let _orders = Process::spawn("order-service", &orders_env, &env.dir.join("o.log"))?;
+    let _notifications = Process::spawn(
+        "notification-service",
+        &otel(notification_env),
+        &env.dir.join("n.log"),
+    )?;
+    let mut users = UserServiceClient::new(channel(env.user_addr).await?);
+    let mut orders = OrderServiceClient::new(channel(env.order_addr).await?);
+    let token = sign_up(&mut users).await?;
+    let placed = orders
+        .create_order(bearer(&token, order()))
+        .await?
+        .into_inner()
+        .order
+        .expect("order");
+    let history = orders
+        .get_order_history(bearer(
+            &token,
+            contracts::order::v1::GetOrderHistoryRequest {
+                order_id: placed.id.clone(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .events;
+    let stored = history[0].traceparent.clone();
+    let parts: Vec<&str> = stored.split('-').collect();
+    assert_eq!(
+        parts.len(),
+        4,
+        "the event row carries a traceparent: {stored:?}"
+    );
+    let (trace_id, writer_span) = (parts[1].to_owned(), parts[2].to_owned());
+
+    let mut spans = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = [
+        "outbox publish",
+        "projection apply",
+        "notification handle",
+        "/shop.user.v1.UserService/ValidateToken",
+    ];
+    loop {
+        spans.extend(
+            collector
+                .exported_spans(1, Duration::from_millis(500))
+                .await,
+        );
+        let names: Vec<&str> = spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .map(|s| s.name.as_str())
+            .collect();
+        if wanted.iter().all(|w| names.contains(w))
+            && names.iter().filter(|n| **n == "projection apply").count() >= 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans of trace {trace_id} so far: {names:?}"
+        );
+    }
+    let in_trace: Vec<_> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+    let by_name = |name: &str| {
+        in_trace
+            .iter()
+            .filter(move |s| s.name == name)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let ids: std::collections::HashSet<&str> =
+        in_trace.iter().map(|s| s.span_id.as_str()).collect();
+
+    let create = by_name("/shop.order.v1.OrderService/CreateOrder");
+    assert_eq!(create.len(), 1, "the order-service server span");
+    let validate = by_name("/shop.user.v1.UserService/ValidateToken");
+    assert!(
+        ids.contains(validate[0].parent_span_id.as_str()),
+        "user-service's span has its parent in order-service"
+    );
+    let publish = by_name("outbox publish");
+    assert_eq!(
+        publish[0].parent_span_id, writer_span,
+        "the relay continues the span that wrote the event"
+    );
+    assert!(
+        by_name("projection apply")
+            .iter()
+            .all(|s| s.parent_span_id == writer_span),
+        "projections too"
+    );
+    let handle = by_name("notification handle");
+    assert_eq!(
+        handle[0].parent_span_id, publish[0].span_id,
+        "the consumer continues the relay's span via NATS headers"
+    );
+    assert!(
+        ids.contains(writer_span.as_str()),
+        "the writing span itself was exported"
+    );
+    // JSON log lines carry the trace id, so logs and traces meet.
+    let log = std::fs::read_to_string(env.dir.join("o.log"))?;
+    let needle = format!("\"trace_id\":\"{trace_id}\"");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("order created") && l.contains(&needle)),
+        "order-service logged the order with its trace id"
+    );
+    Ok(())
+}

@@ -313,6 +313,8 @@ impl Deliverer {
                 user_id = %message.user_id,
                 event_id = %decoded.event_id,
                 subject = %message.subject,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
                 body = %message.body,
                 "notification delivered"
             );
@@ -395,6 +397,24 @@ impl Deliverer {
 
     /// Handles one message: ack, NAK with delay, or dead-letter and terminate.
     pub async fn handle(&self, consumer: &str, message: jetstream::Message) {
+        // Continue the trace the relay put in the message headers.
+        let span = tracing::info_span!(
+            "notification.handle",
+            otel.name = "notification handle",
+            otel.kind = "consumer",
+            consumer,
+            subject = %message.subject,
+        );
+        let parent = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(messaging::headers::TRACEPARENT))
+            .map(ToString::to_string);
+        platform::trace::set_parent(&span, platform::trace::from_traceparent(parent.as_deref()));
+        tracing::Instrument::instrument(self.handle_traced(consumer, message), span).await;
+    }
+
+    async fn handle_traced(&self, consumer: &str, message: jetstream::Message) {
         let subject = message.subject.as_str().to_owned();
         let attempts = message.info().map_or(1, |i| i.delivered);
         let redriven = message

@@ -2,10 +2,10 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    platform::telemetry::init("notification-service");
+    let telemetry = platform::telemetry::init("notification-service");
     let settings: notification_service::Settings = platform::config::load()?;
     let app = notification_service::Application::build(settings).await?;
-    app.run_until_stopped(platform::shutdown::on_signal())
-        .await?;
-    Ok(())
+    let result = app.run_until_stopped(platform::shutdown::on_signal()).await;
+    telemetry.shutdown();
+    Ok(result?)
 }

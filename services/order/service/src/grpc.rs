@@ -78,7 +78,8 @@ fn context(metadata: &MetadataMap, caller: Caller) -> EventContext {
         correlation_id,
         causation_id: Uuid::now_v7(),
         actor: caller.user_id.to_string(),
-        traceparent: platform::grpc::traceparent(metadata),
+        traceparent: platform::trace::current_traceparent()
+            .or_else(|| platform::grpc::traceparent(metadata)),
     }
 }
 

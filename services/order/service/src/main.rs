@@ -2,10 +2,10 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    platform::telemetry::init("order-service");
+    let telemetry = platform::telemetry::init("order-service");
     let settings: order_service::Settings = platform::config::load()?;
     let app = order_service::Application::build(settings).await?;
-    app.run_until_stopped(platform::shutdown::on_signal())
-        .await?;
-    Ok(())
+    let result = app.run_until_stopped(platform::shutdown::on_signal()).await;
+    telemetry.shutdown();
+    Ok(result?)
 }

@@ -64,7 +64,8 @@ impl UserService for UserApi {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let correlation_id = platform::grpc::correlation_id(request.metadata());
-        let traceparent = platform::grpc::traceparent(request.metadata());
+        let traceparent = platform::trace::current_traceparent()
+            .or_else(|| platform::grpc::traceparent(request.metadata()));
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
         let email = violations.check("email", Email::parse(&request.email));
