@@ -272,3 +272,59 @@ async fn readiness_follows_nats_while_liveness_stays_up() -> anyhow::Result<()> 
     stack.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn readiness_follows_postgres_while_liveness_stays_up() -> anyhow::Result<()> {
+    testkit::init_logging();
+    let postgres = testkit::PgServer::start().await?;
+    let mut admin_conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres.url()).await?;
+    sqlx::query("CREATE DATABASE orders")
+        .execute(&mut admin_conn)
+        .await?;
+    drop(admin_conn);
+    let nats = testkit::NatsServer::start().await?;
+    let app = order_service::Application::build(order_service::Settings {
+        grpc_addr: "127.0.0.1:0".to_owned(),
+        admin_addr: "127.0.0.1:0".to_owned(),
+        database_url: postgres.database_url("orders"),
+        nats_url: nats.url(),
+        startup_wait_secs: 10,
+        ..Default::default()
+    })
+    .await?;
+    let admin = app.admin_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
+    assert_eq!(http_get(admin, "/readyz").await?.0, 200);
+
+    postgres.crash().await?;
+    let body = eventually(
+        "unready without Postgres",
+        Duration::from_secs(15),
+        || async move {
+            let (status, body) = http_get(admin, "/readyz").await.ok()?;
+            (status == 503).then_some(body)
+        },
+    )
+    .await?;
+    assert!(body.contains("postgres"), "{body}");
+    assert_eq!(
+        http_get(admin, "/livez").await?.0,
+        200,
+        "liveness is process-local"
+    );
+
+    postgres.start_again().await?;
+    eventually(
+        "ready again with Postgres back",
+        Duration::from_secs(30),
+        || async move {
+            let (status, _) = http_get(admin, "/readyz").await.ok()?;
+            (status == 200).then_some(())
+        },
+    )
+    .await?;
+    stop.cancel();
+    running.await??;
+    Ok(())
+}

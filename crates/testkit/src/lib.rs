@@ -4,6 +4,7 @@
 //!   (`SHOP_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! - [`NatsServer`]: a private `nats-server -js` process per test, on a free
 //!   port, that the test can stop and start again.
+//! - [`PgServer`]: a private Postgres cluster a test can crash and restart.
 //! - [`TestStack`]: the three services in-process on port 0, wired to those,
 //!   with typed clients.
 //! - [`TcpProxy`]: a proxy between a service and its peer that counts what
@@ -13,6 +14,7 @@
 
 mod nats;
 mod pg;
+mod pg_server;
 mod proxy;
 mod smtp;
 mod stack;
@@ -20,6 +22,7 @@ mod webhook;
 
 pub use nats::NatsServer;
 pub use pg::TestDb;
+pub use pg_server::PgServer;
 pub use proxy::TcpProxy;
 pub use smtp::{Mail, SmtpSink};
 pub use stack::{TEST_SIGNING_KEY, TestStack, bearer};
