@@ -10,6 +10,7 @@ pub mod db;
 pub mod grpc;
 pub mod metrics;
 pub mod nats;
+pub mod paging;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;

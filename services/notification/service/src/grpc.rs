@@ -83,9 +83,6 @@ type WatchStream = std::pin::Pin<
     >,
 >;
 
-const DEFAULT_PAGE_SIZE: i64 = 20;
-const MAX_PAGE_SIZE: i32 = 100;
-
 fn to_proto(n: &NotificationRecord) -> pb::Notification {
     pb::Notification {
         id: n.id.to_string(),
@@ -226,45 +223,19 @@ impl NotificationService for NotificationApi {
                 "user_id: you can only list your own notifications",
             ));
         }
-        let page_size = match request.page_size {
-            0 => Some(DEFAULT_PAGE_SIZE),
-            n @ 1..=MAX_PAGE_SIZE => Some(i64::from(n)),
-            _ => {
-                violations.add(
-                    "page_size",
-                    format!("must be between 1 and {MAX_PAGE_SIZE}"),
-                );
-                None
-            }
-        };
-        let before = if request.page_token.is_empty() {
-            Some(None)
-        } else {
-            violations.check(
-                "page_token",
-                request
-                    .page_token
-                    .parse::<i64>()
-                    .map(Some)
-                    .map_err(|_| "is not a token this service issued"),
-            )
-        };
-        let (Some(user_id), Some(page_size), Some(before)) = (user_id, page_size, before) else {
+        let page =
+            platform::paging::parse::<i64>(&mut violations, request.page_size, &request.page_token);
+        let (Some(user_id), Some(page)) = (user_id, page) else {
             return Err(violations.into_status());
         };
-        let mut page = self
+        let rows = self
             .store
-            .list(user_id, before, page_size + 1)
+            .list(user_id, page.after, page.fetch_limit())
             .await
             .map_err(|e| status::from_sqlx(&e))?;
-        let more = page.len() > usize::try_from(page_size).unwrap_or(usize::MAX);
-        page.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
-        let next_page_token = match page.last() {
-            Some(last) if more => last.seq.to_string(),
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = page.finish(rows, |n| n.seq.to_string());
         Ok(Response::new(pb::ListNotificationsResponse {
-            notifications: page.iter().map(to_proto).collect(),
+            notifications: rows.iter().map(to_proto).collect(),
             next_page_token,
         }))
     }

@@ -69,7 +69,6 @@ impl OrderApi {
     }
 }
 
-const MAX_PAGE_SIZE: i32 = 100;
 const MAX_KEY_LEN: usize = 128;
 
 fn context(metadata: &MetadataMap, caller: Caller) -> EventContext {
@@ -523,31 +522,11 @@ impl OrderService for OrderApi {
                 None
             }
         };
-        let page_size = match r.page_size {
-            0 => Some(20),
-            n @ 1..=MAX_PAGE_SIZE => Some(i64::from(n)),
-            _ => {
-                violations.add(
-                    "page_size",
-                    format!("must be between 1 and {MAX_PAGE_SIZE}"),
-                );
-                None
-            }
-        };
-        let before = if r.page_token.is_empty() {
-            Some(None)
-        } else {
-            violations.check(
-                "page_token",
-                Uuid::parse_str(&r.page_token)
-                    .map(Some)
-                    .map_err(|_| "is not a token this service issued"),
-            )
-        };
+        let page = platform::paging::parse::<Uuid>(&mut violations, r.page_size, &r.page_token);
         if r.min_position < 0 {
             violations.add("min_position", "must not be negative");
         }
-        let (Some(status), Some(page_size), Some(before)) = (status, page_size, before) else {
+        let (Some(status), Some(page)) = (status, page) else {
             return Err(violations.into_status());
         };
         violations.into_result()?;
@@ -557,18 +536,12 @@ impl OrderService for OrderApi {
                 .await
                 .map_err(|e| query_error(&e))?;
         }
-        let mut orders = self
+        let rows = self
             .reads
-            .list(caller.user_id, status, before, page_size + 1)
+            .list(caller.user_id, status, page.after, page.fetch_limit())
             .await
             .map_err(|e| query_error(&e))?;
-        let limit = usize::try_from(page_size).unwrap_or(usize::MAX);
-        let more = orders.len() > limit;
-        orders.truncate(limit);
-        let next_page_token = match orders.last() {
-            Some(last) if more => last.id.clone(),
-            _ => String::new(),
-        };
+        let (orders, next_page_token) = page.finish(rows, |o| o.id.clone());
         Ok(Response::new(pb::ListOrdersResponse {
             orders,
             next_page_token,
