@@ -175,7 +175,7 @@ async fn webhooks_are_signed_and_each_event_arrives_once_in_order() -> anyhow::R
         "three webhook deliveries",
         Duration::from_secs(15),
         || async {
-            let hits = receiver.accepted();
+            let hits = order_hits(&receiver.accepted());
             (hits.len() >= 3).then_some(hits)
         },
     )
@@ -201,7 +201,7 @@ async fn webhooks_are_signed_and_each_event_arrives_once_in_order() -> anyhow::R
         .collect();
     assert_eq!(ids.len(), 3);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(receiver.hits().len(), 3, "nothing twice");
+    assert_eq!(order_hits(&receiver.hits()).len(), 3, "nothing twice");
     stack.stop().await;
     Ok(())
 }
@@ -237,7 +237,7 @@ async fn a_failing_endpoint_is_retried_with_growing_gaps_then_dead_lettered_and_
         (!letters.is_empty()).then_some(letters)
     })
     .await?;
-    let attempts = receiver.hits();
+    let attempts = order_hits(&receiver.hits());
     assert_eq!(attempts.len(), 5, "max deliveries");
     let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].at - w[0].at).collect();
     for (n, gap) in gaps.iter().enumerate() {
@@ -402,11 +402,14 @@ async fn notifications_of_one_order_keep_event_order_across_replicas_and_redeliv
         ids.push(placed.id);
     }
     let accepted = eventually("twelve deliveries", Duration::from_secs(30), || async {
-        let hits = receiver.accepted();
+        let hits = order_hits(&receiver.accepted());
         (hits.len() >= 12).then_some(hits)
     })
     .await?;
-    assert!(receiver.hits().len() > 12, "some deliveries were retried");
+    assert!(
+        order_hits(&receiver.hits()).len() > 12,
+        "some deliveries were retried"
+    );
     for id in &ids {
         let sequence: Vec<_> = accepted
             .iter()
@@ -469,4 +472,13 @@ async fn assert_rejected_watch(stack: &TestStack) -> anyhow::Result<()> {
         .expect_err("needs a token");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     Ok(())
+}
+
+/// Deliveries of order events only: whether a sign-up's welcome reaches a
+/// webhook registered right after it depends on timing.
+fn order_hits(hits: &[testkit::Hit]) -> Vec<testkit::Hit> {
+    hits.iter()
+        .filter(|h| event_type(h).starts_with("order."))
+        .cloned()
+        .collect()
 }
