@@ -26,10 +26,15 @@ const GAP_STREAM: StreamSpec = StreamSpec {
 #[derive(Clone, Default)]
 struct Everything {
     refuse: Arc<Mutex<Option<String>>>,
+    /// Slows mapping so a test can interrupt the relay part-way.
+    delay: Duration,
 }
 
 impl IntegrationMapper for Everything {
     fn map(&self, event: &RecordedEvent) -> Result<Option<OutboundMessage>, MapError> {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
         if self.refuse.lock().expect("lock").as_deref() == Some(event.stream_id.as_str()) {
             return Err(MapError {
                 event_id: event.event_id,
@@ -291,7 +296,11 @@ async fn a_relay_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Res
             .append(&format!("k-{stream}"), 0, &events, &context, None, None)
             .await?;
     }
-    let (_shutdown, relay) = start_relay(&setup, Everything::default());
+    let slow = Everything {
+        delay: Duration::from_millis(1),
+        ..Everything::default()
+    };
+    let (_shutdown, relay) = start_relay(&setup, slow);
     eventually(
         "the relay to be mid-stream",
         Duration::from_secs(30),
