@@ -40,19 +40,29 @@ impl OrderApi {
         }
     }
 
-    /// Runs a command on an existing order and answers with its outcome.
+    /// Runs a command on an existing order: authenticates, parses the
+    /// fields every such command shares (`order_id`, `idempotency_key`,
+    /// `expected_version`) and, through `parse`, its own, naming every bad
+    /// field; then executes it and answers with the outcome.
     async fn run(
         &self,
         metadata: &MetadataMap,
-        caller: Caller,
-        order_id: Uuid,
-        command: OrderCommand,
-        expected_version: i64,
-        idempotency_key: &str,
+        common: Common<'_>,
+        parse: impl FnOnce(&mut FieldViolations) -> Option<OrderCommand>,
     ) -> Result<(pb::Order, i64), Status> {
+        let caller = self.auth.authenticate(metadata).await?;
+        let mut violations = FieldViolations::new();
+        let order_id = parse_order_id(&mut violations, common.order_id);
+        let command = parse(&mut violations);
+        check_key(&mut violations, common.idempotency_key);
+        check_expected_version(&mut violations, common.expected_version);
+        let (Some(order_id), Some(command)) = (order_id, command) else {
+            return Err(violations.into_status());
+        };
+        violations.into_result()?;
         let context = context(metadata, caller);
-        let key = scoped_key(caller, idempotency_key);
-        let expected = (expected_version > 0).then_some(expected_version);
+        let key = scoped_key(caller, common.idempotency_key);
+        let expected = (common.expected_version > 0).then_some(common.expected_version);
         let outcome = self
             .commands
             .execute(
@@ -67,6 +77,14 @@ impl OrderApi {
             .map_err(|e| command_error(&e))?;
         Ok(answer(&outcome))
     }
+}
+
+/// The fields every command on an existing order carries.
+#[derive(Debug, Clone, Copy)]
+struct Common<'a> {
+    order_id: &'a str,
+    idempotency_key: &'a str,
+    expected_version: i64,
 }
 
 const MAX_KEY_LEN: usize = 128;
@@ -329,36 +347,26 @@ impl OrderService for OrderApi {
         &self,
         request: Request<pb::PayOrderRequest>,
     ) -> Result<Response<pb::PayOrderResponse>, Status> {
-        let caller = self.auth.authenticate(request.metadata()).await?;
         let r = request.get_ref();
-        let mut violations = FieldViolations::new();
-        let order_id = parse_order_id(&mut violations, &r.order_id);
-        let reference = violations.check(
-            "payment_reference",
-            PaymentReference::parse(&r.payment_reference),
-        );
-        if r.amount_minor < 0 {
-            violations.add("amount_minor", "must not be negative");
-        }
-        check_key(&mut violations, &r.idempotency_key);
-        check_expected_version(&mut violations, r.expected_version);
-        let (Some(order_id), Some(payment_reference)) = (order_id, reference) else {
-            return Err(violations.into_status());
-        };
-        violations.into_result()?;
-        let command = OrderCommand::Pay {
-            payment_reference,
-            amount_minor: r.amount_minor,
+        let common = Common {
+            order_id: &r.order_id,
+            idempotency_key: &r.idempotency_key,
+            expected_version: r.expected_version,
         };
         let (order, position) = self
-            .run(
-                request.metadata(),
-                caller,
-                order_id,
-                command,
-                r.expected_version,
-                &r.idempotency_key,
-            )
+            .run(request.metadata(), common, |violations| {
+                let payment_reference = violations.check(
+                    "payment_reference",
+                    PaymentReference::parse(&r.payment_reference),
+                );
+                if r.amount_minor < 0 {
+                    violations.add("amount_minor", "must not be negative");
+                }
+                Some(OrderCommand::Pay {
+                    payment_reference: payment_reference?,
+                    amount_minor: r.amount_minor,
+                })
+            })
             .await?;
         Ok(Response::new(pb::PayOrderResponse {
             order: Some(order),
@@ -371,34 +379,22 @@ impl OrderService for OrderApi {
         &self,
         request: Request<pb::ShipOrderRequest>,
     ) -> Result<Response<pb::ShipOrderResponse>, Status> {
-        let caller = self.auth.authenticate(request.metadata()).await?;
         let r = request.get_ref();
-        let mut violations = FieldViolations::new();
-        let order_id = parse_order_id(&mut violations, &r.order_id);
-        let carrier = violations.check("carrier", Carrier::parse(&r.carrier));
-        let tracking_number =
-            violations.check("tracking_number", TrackingNumber::parse(&r.tracking_number));
-        check_key(&mut violations, &r.idempotency_key);
-        check_expected_version(&mut violations, r.expected_version);
-        let (Some(order_id), Some(carrier), Some(tracking_number)) =
-            (order_id, carrier, tracking_number)
-        else {
-            return Err(violations.into_status());
-        };
-        violations.into_result()?;
-        let command = OrderCommand::Ship {
-            carrier,
-            tracking_number,
+        let common = Common {
+            order_id: &r.order_id,
+            idempotency_key: &r.idempotency_key,
+            expected_version: r.expected_version,
         };
         let (order, position) = self
-            .run(
-                request.metadata(),
-                caller,
-                order_id,
-                command,
-                r.expected_version,
-                &r.idempotency_key,
-            )
+            .run(request.metadata(), common, |violations| {
+                let carrier = violations.check("carrier", Carrier::parse(&r.carrier));
+                let tracking_number =
+                    violations.check("tracking_number", TrackingNumber::parse(&r.tracking_number));
+                Some(OrderCommand::Ship {
+                    carrier: carrier?,
+                    tracking_number: tracking_number?,
+                })
+            })
             .await?;
         Ok(Response::new(pb::ShipOrderResponse {
             order: Some(order),
@@ -411,25 +407,14 @@ impl OrderService for OrderApi {
         &self,
         request: Request<pb::DeliverOrderRequest>,
     ) -> Result<Response<pb::DeliverOrderResponse>, Status> {
-        let caller = self.auth.authenticate(request.metadata()).await?;
         let r = request.get_ref();
-        let mut violations = FieldViolations::new();
-        let order_id = parse_order_id(&mut violations, &r.order_id);
-        check_key(&mut violations, &r.idempotency_key);
-        check_expected_version(&mut violations, r.expected_version);
-        let Some(order_id) = order_id else {
-            return Err(violations.into_status());
+        let common = Common {
+            order_id: &r.order_id,
+            idempotency_key: &r.idempotency_key,
+            expected_version: r.expected_version,
         };
-        violations.into_result()?;
         let (order, position) = self
-            .run(
-                request.metadata(),
-                caller,
-                order_id,
-                OrderCommand::Deliver,
-                r.expected_version,
-                &r.idempotency_key,
-            )
+            .run(request.metadata(), common, |_| Some(OrderCommand::Deliver))
             .await?;
         Ok(Response::new(pb::DeliverOrderResponse {
             order: Some(order),
@@ -442,26 +427,17 @@ impl OrderService for OrderApi {
         &self,
         request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CancelOrderResponse>, Status> {
-        let caller = self.auth.authenticate(request.metadata()).await?;
         let r = request.get_ref();
-        let mut violations = FieldViolations::new();
-        let order_id = parse_order_id(&mut violations, &r.order_id);
-        let reason = violations.check("reason", CancelReason::parse(&r.reason));
-        check_key(&mut violations, &r.idempotency_key);
-        check_expected_version(&mut violations, r.expected_version);
-        let (Some(order_id), Some(reason)) = (order_id, reason) else {
-            return Err(violations.into_status());
+        let common = Common {
+            order_id: &r.order_id,
+            idempotency_key: &r.idempotency_key,
+            expected_version: r.expected_version,
         };
-        violations.into_result()?;
         let (order, position) = self
-            .run(
-                request.metadata(),
-                caller,
-                order_id,
-                OrderCommand::Cancel { reason },
-                r.expected_version,
-                &r.idempotency_key,
-            )
+            .run(request.metadata(), common, |violations| {
+                let reason = violations.check("reason", CancelReason::parse(&r.reason));
+                Some(OrderCommand::Cancel { reason: reason? })
+            })
             .await?;
         Ok(Response::new(pb::CancelOrderResponse {
             order: Some(order),
