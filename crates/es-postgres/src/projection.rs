@@ -81,6 +81,54 @@ pub async fn status(pool: &PgPool, name: &str) -> Result<Option<Status>, sqlx::E
     .transpose()
 }
 
+/// How far one generation of a projection has got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub generation: i32,
+    /// Global position of the last event it applied (0: none yet).
+    pub position: i64,
+    /// Committed events it has not applied yet.
+    pub lag_events: i64,
+}
+
+/// Progress of the live and (if any) building generation of `name`.
+///
+/// # Errors
+///
+/// Fails when Postgres is unreachable; `Ok(None)` if never registered.
+pub async fn progress(
+    pool: &PgPool,
+    name: &str,
+) -> Result<Option<(Progress, Option<Progress>)>, sqlx::Error> {
+    let Some(status) = status(pool, name).await? else {
+        return Ok(None);
+    };
+    let of = |generation: i32| async move {
+        let row = sqlx::query(
+            "SELECT COALESCE(c.position, 0) AS position, \
+             (SELECT count(*) FROM events e \
+              WHERE (e.tx_id, e.position) > (COALESCE(c.tx_id, '0'::xid8), COALESCE(c.position, 0))) AS lag \
+             FROM (SELECT 1) one \
+             LEFT JOIN projection_checkpoints c ON c.name = $1 AND c.generation = $2",
+        )
+        .bind(name)
+        .bind(generation)
+        .fetch_one(pool)
+        .await?;
+        Ok::<_, sqlx::Error>(Progress {
+            generation,
+            position: row.try_get("position")?,
+            lag_events: row.try_get("lag")?,
+        })
+    };
+    let live = of(status.live_generation).await?;
+    let building = match status.building_generation {
+        Some(generation) => Some(of(generation).await?),
+        None => None,
+    };
+    Ok(Some((live, building)))
+}
+
 /// Asks for a rebuild: registers the next generation (or returns the one
 /// already building). The running service builds it and switches over.
 ///

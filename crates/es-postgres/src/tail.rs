@@ -50,6 +50,12 @@ impl Cursor {
     }
 }
 
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "position {} (tx {})", self.position, self.tx_id)
+    }
+}
+
 /// Why a follower's step failed. Retried after a pause.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
@@ -168,7 +174,7 @@ async fn follow<S: Subscriber>(
     let mut listener = PgListener::connect(database_url).await?;
     listener.listen(CHANNEL).await?;
     let mut cursor = subscriber.load_cursor(&mut conn).await?;
-    tracing::info!(follower = %name, ?cursor, "following the events table");
+    tracing::info!(follower = %name, %cursor, "following the events table");
     loop {
         if !subscriber.keep_running(&mut conn, &cursor).await? {
             return Ok(());

@@ -29,14 +29,14 @@ pub(crate) async fn run_or_start(stack_file: &Path) -> anyhow::Result<()> {
     {
         return run(&stack).await;
     }
-    println!(
+    out!(
         "No running stack found at {}; starting one for the demo.",
         stack_file.display()
     );
     let _telemetry = platform::telemetry::init("shopctl");
     let options = UpOptions {
-        nats_url: std::env::var("NATS_URL").ok(),
-        database_url: std::env::var("DATABASE_URL").ok(),
+        nats_url: std::env::var("SHOP_NATS_URL").ok(),
+        postgres_url: std::env::var("SHOP_POSTGRES_URL").ok(),
         data_dir: stack_file
             .parent()
             .map_or_else(|| ".shop".into(), Path::to_path_buf),
@@ -80,7 +80,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let password = "correct horse battery staple".to_owned();
-    println!("Demo: one customer, one order, one notification.");
+    out!("Demo: one customer, one order, one notification.");
 
     let started = Instant::now();
     let user = users
@@ -93,7 +93,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         .into_inner()
         .user
         .context("CreateUser returned no user")?;
-    println!(
+    out!(
         "1. Signed up {email} as user {} ({})",
         user.id,
         ms(started.elapsed())
@@ -105,7 +105,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         .await
         .context("Authenticate")?
         .into_inner();
-    println!(
+    out!(
         "2. Logged in; got an access token valid for an hour ({})",
         ms(started.elapsed())
     );
@@ -146,7 +146,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         .into_inner();
     let order = created.order.context("CreateOrder returned no order")?;
     let total = order.total.clone().unwrap_or_default();
-    println!(
+    out!(
         "3. Placed order {}: 1 x BOOK-DDIA, 2 x MUG-RUST, total {} ({}; event position {})",
         order.id,
         money(total.amount_minor, &total.currency),
@@ -169,7 +169,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         .into_inner()
         .order
         .context("no order")?;
-    println!(
+    out!(
         "4. Read it back from the read model (read-your-writes): status {:?}, version {}, {} lines ({})",
         read.status(),
         read.version,
@@ -213,11 +213,13 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         }
         _ => "unknown".to_owned(),
     };
-    println!(
+    out!(
         "5. Notification via {}: \"{}\" — \"{}\"",
-        notification.channel, notification.subject, notification.body
+        notification.channel,
+        notification.subject,
+        notification.body
     );
-    println!(
+    out!(
         "   Order to notification: {server_side} (event committed -> notification recorded), \
          {} from sending the order until the client could list it.",
         ms(seen_after)
@@ -253,7 +255,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         .into_inner()
         .order
         .context("no order")?;
-    println!(
+    out!(
         "6. Paid and shipped: status {:?}, carrier {} tracking {} ({})",
         shipped.status(),
         shipped.carrier,
@@ -275,8 +277,8 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         .iter()
         .map(|e| format!("v{} {}", e.version, e.event_type))
         .collect();
-    println!("7. Audit trail: {}", trail.join(", "));
-    println!(
+    out!("7. Audit trail: {}", trail.join(", "));
+    out!(
         "   More: shopctl orders history {0} | shopctl orders at {0} --version 1",
         order.id
     );

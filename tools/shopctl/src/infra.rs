@@ -126,9 +126,62 @@ fn find_binary(name: &str, env: &str, extra: &[PathBuf]) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+fn nats_binary() -> Option<PathBuf> {
+    find_binary(
+        "nats-server",
+        "NATS_SERVER_BIN",
+        &[PathBuf::from("/usr/sbin")],
+    )
+}
+
+/// Makes sure the servers the stack will start are installed: as root on
+/// Debian/Ubuntu it installs what is missing with apt-get, exactly as
+/// `scripts/test` does; otherwise it names the one command to run.
+///
+/// # Errors
+///
+/// When something is missing and cannot be installed here.
+pub(crate) fn install_missing(nats: bool, postgres: bool) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    if nats && nats_binary().is_none() {
+        missing.push("nats-server");
+    }
+    if postgres && postgres_bin_dir().is_none() {
+        missing.push("postgresql");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages = missing.join(" ");
+    let apt = find_binary("apt-get", "APT_GET_BIN", &[PathBuf::from("/usr/bin")]);
+    let Some(apt) = apt.filter(|_| is_root()) else {
+        bail!(
+            "{packages} not installed. Install with:\n    sudo apt-get install -y {packages}\n\
+             or use running servers with --nats-url / --postgres-url."
+        );
+    };
+    eout!("shopctl: installing {packages} (apt-get)");
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new(&apt)
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .with_context(|| format!("running apt-get {}", args.join(" ")))?;
+        if !status.success() {
+            bail!("apt-get {} failed ({status})", args.join(" "));
+        }
+        Ok(())
+    };
+    run(&["update", "-qq"])?;
+    let mut install = vec!["install", "-y", "-qq"];
+    install.extend(&missing);
+    run(&install)
+}
+
 /// Starts `nats-server -js` on a free port with its store in `dir`.
 pub(crate) async fn start_nats(dir: &Path) -> anyhow::Result<(Managed, String)> {
-    let binary = find_binary("nats-server", "NATS_SERVER_BIN", &[PathBuf::from("/usr/sbin")]).ok_or_else(|| {
+    let binary = nats_binary().ok_or_else(|| {
         anyhow::anyhow!(
             "nats-server is not installed. Install it with:\n    sudo apt-get install -y nats-server\n\
              or point NATS_SERVER_BIN at a nats-server binary, or pass --nats-url to use a running server."
@@ -137,7 +190,7 @@ pub(crate) async fn start_nats(dir: &Path) -> anyhow::Result<(Managed, String)> 
     let store = dir.join("nats");
     fs::create_dir_all(&store)?;
     let port = free_port()?;
-    let child = Command::new(&binary)
+    let child = supervised(&binary, "TERM", false)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(&store)
         .stdout(log_file(&dir.join("nats.log"))?)
@@ -184,16 +237,94 @@ fn postgres_bin_dir() -> Option<PathBuf> {
     versions.pop()
 }
 
-/// A command that runs as the `postgres` OS user when we are root (Postgres
-/// refuses to run as root).
+/// A command for a child that must not outlive `shopctl`: through util-linux
+/// `setpriv --pdeathsig`, the kernel sends it `death_signal` when the thread
+/// that started it dies, whatever the reason (SIGKILL included). As root,
+/// `as_postgres` runs it as the `postgres` OS user (Postgres refuses root);
+/// `setpriv` changes the user before setting the signal and then `exec`s, so
+/// the child's pid is the server's own.
+pub(crate) fn supervised(binary: &Path, death_signal: &str, as_postgres: bool) -> Command {
+    let as_postgres = as_postgres && is_root();
+    let setpriv = find_binary("setpriv", "SETPRIV_BIN", &[PathBuf::from("/usr/bin")]);
+    let mut command = match setpriv {
+        Some(setpriv) => {
+            let mut command = Command::new(setpriv);
+            if as_postgres {
+                command.args([
+                    "--reuid",
+                    "postgres",
+                    "--regid",
+                    "postgres",
+                    "--init-groups",
+                ]);
+            }
+            command
+                .args(["--pdeathsig", death_signal, "--"])
+                .arg(binary);
+            command
+        }
+        None if as_postgres => {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    // The postgres user may not be able to enter the caller's directory.
+    command.current_dir("/");
+    command
+}
+
+/// A one-shot Postgres tool (initdb), as the `postgres` user when root.
 fn pg_command(binary: &Path) -> Command {
-    if is_root() {
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(binary);
-        command
-    } else {
-        Command::new(binary)
+    supervised(binary, "KILL", true)
+}
+
+/// Whether the `postgres` OS user can reach (search) `dir`: every ancestor
+/// must be searchable by it, which a 0700 home or `mktemp -d` is not.
+fn postgres_can_reach(dir: &Path) -> bool {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--", "test", "-x"])
+        .arg(dir)
+        .current_dir("/")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Where the private cluster keeps its data: `<data-dir>/postgres`, or, when
+/// we are root and the `postgres` user cannot reach the data dir, a directory
+/// under `/var/lib/shopctl/` that `<data-dir>/postgres` links to (so the
+/// cluster is found again by the next `up`, and `ls -l` shows where it is).
+/// Postgres must run as `postgres`; handing it the user's home by loosening
+/// that home's permissions would be worse.
+fn postgres_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let link = dir.join("postgres");
+    if let Ok(target) = fs::read_link(&link) {
+        return Ok(target);
     }
+    if !is_root() || link.exists() || postgres_can_reach(dir) {
+        return Ok(link);
+    }
+    let name: String = dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let home = Path::new("/var/lib/shopctl");
+    fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    let target = home.join(name.trim_start_matches('_'));
+    fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+    std::os::unix::fs::symlink(&target, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+    tracing::info!(
+        dir = %target.display(),
+        "the postgres user cannot enter {}; keeping the cluster in {}",
+        dir.display(),
+        target.display()
+    );
+    Ok(target)
 }
 
 /// Starts a private Postgres on a free port (initdb on first use) and
@@ -206,7 +337,7 @@ pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, Strin
              or set PG_BIN to their directory, or pass --database-url to use a running server."
         )
     })?;
-    let data = dir.join("postgres");
+    let data = postgres_data_dir(dir)?;
     if !data.join("PG_VERSION").is_file() {
         fs::create_dir_all(&data)?;
         if is_root() {
@@ -243,13 +374,8 @@ pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, Strin
     let port = free_port()?;
     let log = dir.join("postgres.log");
     fs::File::create(&log)?;
-    if is_root() {
-        let _ = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&log)
-            .status();
-    }
-    let child = pg_command(&bin.join("postgres"))
+    // SIGINT is Postgres's fast shutdown: clean, without waiting for clients.
+    let child = supervised(&bin.join("postgres"), "INT", true)
         .arg("-D")
         .arg(&data)
         .args([
@@ -265,7 +391,6 @@ pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, Strin
         .process_group(0)
         .spawn()
         .context("starting postgres")?;
-    // SIGINT is Postgres's fast shutdown: clean, without waiting for clients.
     // The postmaster's pid comes from its pid file (runuser may sit between).
     let mut managed = Managed {
         name: "postgres",

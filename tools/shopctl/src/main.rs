@@ -5,18 +5,34 @@
 //!   three services), stopped cleanly on Ctrl-C or SIGTERM.
 //! - `shopctl demo`: one user, one login, one order, and the notification
 //!   that followed, with timings.
+//! - `shopctl status`, `orders`, `relay`, `projections`, `dlq`: operate it.
 //!
-//! Output on stdout is the product of this tool, hence `println!`.
-#![allow(clippy::print_stdout)]
+//! Output on stdout is the product of this tool; it goes through `out!`,
+//! which never panics on a closed pipe. Errors are printed once, by `main`.
 
+#[macro_use]
+mod out;
 mod admin;
 mod demo;
 mod infra;
 mod stack;
+mod status;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+
+/// An error already shown to the user (by `up`, before its shutdown).
+#[derive(Debug)]
+pub(crate) struct Reported(pub(crate) anyhow::Error);
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Reported {}
 
 #[derive(Debug, Parser)]
 #[command(name = "shopctl", version, about = "Run, demo and operate the shop")]
@@ -44,6 +60,22 @@ enum Command {
         #[arg(long, default_value = ".shop/stack.json")]
         stack_file: PathBuf,
     },
+    /// Health, relay lag, projections, consumer backlog, dead letters and
+    /// circuit breakers of the running stack, from its admin endpoints.
+    Status {
+        /// Where `shopctl up` recorded its endpoints.
+        #[arg(long, default_value = ".shop/stack.json")]
+        stack_file: PathBuf,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script, e.g.
+    /// `shopctl completions bash > /etc/bash_completion.d/shopctl`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
     /// Order audit trail and time travel.
     #[command(subcommand)]
     Orders(OrdersCommand),
@@ -59,26 +91,37 @@ enum Command {
     /// Run one service in this process (used by `up`; the service binaries
     /// do the same).
     #[command(hide = true)]
-    Serve { service: Service },
+    Serve {
+        /// Which service.
+        service: Service,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum OrdersCommand {
     /// Every event of an order with its metadata and the change it made.
     History {
+        /// The order's id (a UUID, as the API and the demo print it).
         order_id: uuid::Uuid,
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: admin::Target,
     },
     /// The order as it was at a version or a moment, and how it got there.
     At {
+        /// The order's id (a UUID).
         order_id: uuid::Uuid,
-        /// State after this many events.
+        /// State after this many events (1 = as created).
         #[arg(long, conflicts_with = "at", required_unless_present = "at")]
         version: Option<i64>,
         /// State as of this RFC 3339 time, e.g. 2026-11-25T13:00:00Z.
         #[arg(long)]
         at: Option<chrono::DateTime<chrono::Utc>>,
+        /// One JSON document (`state` and `events`) instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: admin::Target,
     },
@@ -109,16 +152,22 @@ enum RelayCommand {
 enum ProjectionsCommand {
     /// Rebuild a read model beside the live one, then switch queries over.
     Rebuild {
-        /// `order_summary` or `orders_by_user`.
+        /// The read model: `order_summary` or `orders_by_user`.
         name: String,
         /// Return once the rebuild is requested instead of waiting for it.
         #[arg(long)]
         no_wait: bool,
+        /// No progress bar, even on a terminal.
+        #[arg(long)]
+        quiet: bool,
         #[command(flatten)]
         target: admin::Target,
     },
     /// Live and building generations of each read model.
     Status {
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: admin::Target,
     },
@@ -128,19 +177,28 @@ enum ProjectionsCommand {
 enum DlqCommand {
     /// Every dead letter: where it came from, why, how often it was tried.
     List {
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: admin::Target,
     },
     /// One dead letter with its headers and payload.
     Show {
+        /// The dead letter's sequence number, as `dlq list` shows it (#N).
         sequence: u64,
+        /// One JSON document (payload base64 and, if UTF-8, as text).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         target: admin::Target,
     },
     /// Publish dead letters to their original subject again and remove them.
     Redrive {
+        /// The dead letter's sequence number, as `dlq list` shows it (#N).
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         sequence: Option<u64>,
+        /// Every dead letter.
         #[arg(long)]
         all: bool,
         #[command(flatten)]
@@ -158,10 +216,31 @@ enum Service {
     Notification,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eout!("shopctl: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            if error.downcast_ref::<Reported>().is_none() {
+                eout!("shopctl: {error:#}");
+            }
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+                eout!("{}", error.backtrace());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Up {
             demo,
             exit_after_demo,
@@ -171,14 +250,27 @@ async fn main() -> anyhow::Result<()> {
             stack::up(options, demo, exit_after_demo).await
         }
         Command::Demo { stack_file } => demo::run_or_start(&stack_file).await,
-        Command::Serve { service } => serve(service).await,
-        Command::Orders(OrdersCommand::History { order_id, target }) => {
-            admin::history(&target, order_id).await
+        Command::Status { stack_file, json } => status::show(&stack_file, json).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "shopctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
+        Command::Serve { service } => serve(service).await,
+        Command::Orders(OrdersCommand::History {
+            order_id,
+            json,
+            target,
+        }) => admin::history(&target, order_id, json).await,
         Command::Orders(OrdersCommand::At {
             order_id,
             version,
             at,
+            json,
             target,
         }) => {
             let point = match (version, at) {
@@ -186,7 +278,7 @@ async fn main() -> anyhow::Result<()> {
                 (None, Some(t)) => order_service::history::At::Time(t),
                 (None, None) => anyhow::bail!("give --version N or --at TIME"),
             };
-            admin::at(&target, order_id, point).await
+            admin::at(&target, order_id, point, json).await
         }
         Command::Relay(RelayCommand::Republish {
             from,
@@ -197,13 +289,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Projections(ProjectionsCommand::Rebuild {
             name,
             no_wait,
+            quiet,
             target,
-        }) => admin::rebuild(&target, &name, !no_wait).await,
-        Command::Projections(ProjectionsCommand::Status { target }) => admin::status(&target).await,
-        Command::Dlq(DlqCommand::List { target }) => admin::dlq_list(&target).await,
-        Command::Dlq(DlqCommand::Show { sequence, target }) => {
-            admin::dlq_show(&target, sequence).await
+        }) => admin::rebuild(&target, &name, !no_wait, quiet).await,
+        Command::Projections(ProjectionsCommand::Status { json, target }) => {
+            admin::status(&target, json).await
         }
+        Command::Dlq(DlqCommand::List { json, target }) => admin::dlq_list(&target, json).await,
+        Command::Dlq(DlqCommand::Show {
+            sequence,
+            json,
+            target,
+        }) => admin::dlq_show(&target, sequence, json).await,
         Command::Dlq(DlqCommand::Redrive {
             sequence,
             all,

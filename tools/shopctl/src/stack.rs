@@ -1,9 +1,10 @@
 //! `shopctl up`: the local stack supervisor.
 
-use std::os::unix::process::CommandExt as _;
 use std::{
+    fs,
+    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
@@ -18,15 +19,25 @@ use crate::infra::{self, Managed};
 #[derive(Debug, clap::Args)]
 pub(crate) struct UpOptions {
     /// Use this NATS server instead of starting one.
-    #[arg(long, env = "NATS_URL")]
+    #[arg(long, env = "SHOP_NATS_URL")]
     pub(crate) nats_url: Option<String>,
     /// Use this Postgres server (any database URL on it; the services' own
     /// databases are created beside it) instead of starting one.
-    #[arg(long, env = "DATABASE_URL")]
-    pub(crate) database_url: Option<String>,
+    #[arg(long, env = "SHOP_POSTGRES_URL")]
+    pub(crate) postgres_url: Option<String>,
     /// Where the private servers keep their data, and the stack file.
     #[arg(long, default_value = ".shop")]
     pub(crate) data_dir: PathBuf,
+}
+
+/// One process of the stack, as recorded in the stack file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Process {
+    pub(crate) name: String,
+    pub(crate) pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat`), so that a
+    /// recycled pid is never mistaken for ours.
+    pub(crate) start_ticks: u64,
 }
 
 /// Endpoints of a running stack, written to `<data-dir>/stack.json`.
@@ -42,7 +53,13 @@ pub(crate) struct StackFile {
     pub(crate) database_url: String,
     pub(crate) users_database_url: String,
     pub(crate) orders_database_url: String,
+    #[serde(default)]
+    pub(crate) notifications_database_url: String,
+    /// The supervisor (`shopctl up`).
     pub(crate) pid: u32,
+    /// Every process it started.
+    #[serde(default)]
+    pub(crate) processes: Vec<Process>,
 }
 
 /// Reads a 64-hex-character signing key from `path`, creating it first.
@@ -64,11 +81,8 @@ fn signing_key(path: &Path) -> anyhow::Result<String> {
 
 fn spawn_service(service: &'static str, env: &[(&str, String)]) -> anyhow::Result<Managed> {
     let exe = std::env::current_exe().context("locating shopctl")?;
-    let mut command = Command::new(exe);
-    command
-        .args(["serve", service])
-        .stdin(Stdio::null())
-        .process_group(0);
+    let mut command = infra::supervised(&exe, "TERM", false);
+    command.args(["serve", service]).stdin(Stdio::null());
     for (key, value) in env {
         command.env(key, value);
     }
@@ -119,8 +133,12 @@ pub(crate) async fn up(
     demo: bool,
     exit_after_demo: bool,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&options.data_dir)?;
-    let data_dir = std::fs::canonicalize(&options.data_dir)?;
+    fs::create_dir_all(&options.data_dir)
+        .with_context(|| format!("creating the data dir {}", options.data_dir.display()))?;
+    let data_dir = fs::canonicalize(&options.data_dir)?;
+    // Nothing in the data dir is touched before this lock is ours.
+    let _lock = lock_data_dir(&data_dir)?;
+    stop_stale_children(&data_dir).await;
     let mut infrastructure = Vec::new();
     let mut services = Vec::new();
     let result = run(
@@ -133,18 +151,139 @@ pub(crate) async fn up(
     )
     .await;
     if let Err(error) = &result {
-        eprintln!("shopctl: {error:#}");
+        // Printed here, before the (slow) shutdown, and not again by main.
+        eout!("shopctl: {error:#}");
     }
-    println!("Stopping…");
-    let _ = std::fs::remove_file(data_dir.join("stack.json"));
+    out!("Stopping…");
+    let _ = fs::remove_file(data_dir.join("stack.json"));
+    let _ = fs::remove_file(data_dir.join(PROMETHEUS_TARGETS));
     for child in services.into_iter().rev() {
         child.stop(Duration::from_secs(15)).await;
     }
     for child in infrastructure.into_iter().rev() {
         child.stop(Duration::from_secs(30)).await;
     }
-    println!("Stopped.");
-    result
+    let _ = fs::remove_file(data_dir.join(CHILDREN));
+    out!("Stopped.");
+    result.map_err(|error| crate::Reported(error).into())
+}
+
+/// Prometheus file-based service discovery for the running stack.
+pub(crate) const PROMETHEUS_TARGETS: &str = "prometheus-targets.json";
+/// The children of the current (or a crashed) supervisor, one per line.
+const CHILDREN: &str = "children";
+
+/// An exclusive lock on the data dir for as long as it is held: a second
+/// `shopctl up` (or `demo` starting a stack) on the same dir refuses to
+/// start instead of sharing the JetStream store and Postgres cluster.
+#[derive(Debug)]
+struct DataDirLock(#[allow(dead_code)] fs::File);
+
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<DataDirLock> {
+    let path = data_dir.join("lock");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            bail!(
+                "another `shopctl up` (pid {}) is running with the data dir {}; \
+                 stop it first, or pass another --data-dir",
+                if holder.is_empty() { "unknown" } else { holder },
+                data_dir.display()
+            );
+        }
+        Err(fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(DataDirLock(file))
+}
+
+/// Start time of `pid` in clock ticks since boot, if it is running.
+pub(crate) fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields resume after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn record_child(data_dir: &Path, child: &Managed) {
+    let pid = child.child.id();
+    let line = format!(
+        "{} {pid} {}\n",
+        child.name,
+        start_ticks(pid).unwrap_or_default()
+    );
+    let appended = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir.join(CHILDREN))
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(error) = appended {
+        tracing::warn!(%error, "cannot record child process");
+    }
+}
+
+fn processes(children: &[&Managed]) -> Vec<Process> {
+    children
+        .iter()
+        .map(|c| Process {
+            name: c.name.to_owned(),
+            pid: c.child.id(),
+            start_ticks: start_ticks(c.child.id()).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Stops processes a previous supervisor of this data dir started and left
+/// behind (it was killed before its children noticed). Only processes whose
+/// pid *and* start time match the record are signalled.
+async fn stop_stale_children(data_dir: &Path) {
+    let Ok(text) = fs::read_to_string(data_dir.join(CHILDREN)) else {
+        return;
+    };
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(name), Some(Ok(pid)), Some(Ok(ticks))) = (
+            fields.next(),
+            fields.next().map(str::parse::<u32>),
+            fields.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        if start_ticks(pid) != Some(ticks) {
+            continue;
+        }
+        tracing::warn!(
+            process = name,
+            pid,
+            "stopping a process left by an earlier shopctl up"
+        );
+        let signal = if name == "postgres" { "INT" } else { "TERM" };
+        let _ = std::process::Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while start_ticks(pid) == Some(ticks) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if start_ticks(pid) == Some(ticks) {
+            let _ = std::process::Command::new("kill")
+                .args(["-s", "KILL", &pid.to_string()])
+                .status();
+        }
+    }
+    let _ = fs::remove_file(data_dir.join(CHILDREN));
 }
 
 async fn run(
@@ -156,18 +295,21 @@ async fn run(
     exit_after_demo: bool,
 ) -> anyhow::Result<()> {
     let stop = platform::shutdown::on_signal();
+    infra::install_missing(options.nats_url.is_none(), options.postgres_url.is_none())?;
     let nats_url = match &options.nats_url {
         Some(url) => url.clone(),
         None => {
             let (child, url) = infra::start_nats(data_dir).await?;
+            record_child(data_dir, &child);
             infrastructure.push(child);
             url
         }
     };
-    let admin_url = match &options.database_url {
+    let admin_url = match &options.postgres_url {
         Some(url) => url.clone(),
         None => {
             let (child, url) = infra::start_postgres(data_dir).await?;
+            record_child(data_dir, &child);
             infrastructure.push(child);
             url
         }
@@ -202,9 +344,15 @@ async fn run(
     order_env.push(("APP_USER_SERVICE__URL", url(ports[0])));
     let mut notification_env = common(notifications_db, ports[2], ports[5]);
     notification_env.push(("APP_USER_SERVICE__URL", url(ports[0])));
-    services.push(spawn_service("user-service", &user_env)?);
-    services.push(spawn_service("order-service", &order_env)?);
-    services.push(spawn_service("notification-service", &notification_env)?);
+    for (name, env) in [
+        ("user-service", &user_env),
+        ("order-service", &order_env),
+        ("notification-service", &notification_env),
+    ] {
+        let child = spawn_service(name, env)?;
+        record_child(data_dir, &child);
+        services.push(child);
+    }
     for (name, port) in [
         ("user-service", ports[0]),
         ("order-service", ports[1]),
@@ -225,42 +373,56 @@ async fn run(
         database_url: admin_url.clone(),
         users_database_url: users_db.clone(),
         orders_database_url: orders_db.clone(),
+        notifications_database_url: notifications_db.clone(),
         pid: std::process::id(),
+        processes: processes(
+            &infrastructure
+                .iter()
+                .chain(services.iter())
+                .collect::<Vec<_>>(),
+        ),
     };
-    std::fs::write(
-        data_dir.join("stack.json"),
-        serde_json::to_string_pretty(&stack)?,
-    )?;
-    println!();
-    println!("The shop is up:");
-    println!(
+    write_prometheus_targets(data_dir, &stack)?;
+    // Written whole, then renamed: a reader never sees half a file.
+    let tmp = data_dir.join("stack.json.tmp");
+    fs::write(&tmp, serde_json::to_string_pretty(&stack)?)?;
+    fs::rename(&tmp, data_dir.join("stack.json"))?;
+    out!();
+    out!("The shop is up:");
+    out!(
         "  user-service          {}  (gRPC: shop.user.v1.UserService)",
         stack.user_service
     );
-    println!(
+    out!(
         "  order-service         {}  (gRPC: shop.order.v1.OrderService)",
         stack.order_service
     );
-    println!(
+    out!(
         "  notification-service  {}  (gRPC: shop.notification.v1.NotificationService)",
         stack.notification_service
     );
-    println!(
+    out!(
         "  admin (metrics, livez, readyz)  users {}  orders {}  notifications {}",
-        stack.admin[0], stack.admin[1], stack.admin[2]
+        stack.admin[0],
+        stack.admin[1],
+        stack.admin[2]
     );
-    println!("  nats                  {}", stack.nats_url);
-    println!("  postgres              {}", redact(&stack.database_url));
-    println!("  data                  {}", data_dir.display());
-    println!("All services answer grpc.health.v1 and reflection. Ctrl-C stops everything.");
-    println!();
+    out!("  nats                  {}", stack.nats_url);
+    out!("  postgres              {}", redact(&stack.database_url));
+    out!("  data                  {}", data_dir.display());
+    out!(
+        "  prometheus targets    {}",
+        data_dir.join(PROMETHEUS_TARGETS).display()
+    );
+    out!("All services answer grpc.health.v1 and reflection. Ctrl-C stops everything.");
+    out!();
 
     if demo {
         crate::demo::run(&stack).await?;
         if exit_after_demo {
             return Ok(());
         }
-        println!("\nThe stack keeps running; Ctrl-C stops it.");
+        out!("\nThe stack keeps running; Ctrl-C stops it.");
     }
     loop {
         tokio::select! {
@@ -273,6 +435,26 @@ async fn run(
             }
         }
     }
+}
+
+/// `[{"targets": ["127.0.0.1:port"], "labels": {"service": "…"}}, …]`, the
+/// shape of Prometheus's `file_sd_configs`.
+fn write_prometheus_targets(data_dir: &Path, stack: &StackFile) -> anyhow::Result<()> {
+    let names = ["user-service", "order-service", "notification-service"];
+    let groups: Vec<_> = names
+        .iter()
+        .zip(&stack.admin)
+        .map(|(name, url)| {
+            serde_json::json!({
+                "targets": [url.trim_start_matches("http://")],
+                "labels": { "service": name },
+            })
+        })
+        .collect();
+    let tmp = data_dir.join(format!("{PROMETHEUS_TARGETS}.tmp"));
+    fs::write(&tmp, serde_json::to_string_pretty(&groups)?)?;
+    fs::rename(&tmp, data_dir.join(PROMETHEUS_TARGETS))?;
+    Ok(())
 }
 
 /// Hides a password in a URL.

@@ -315,9 +315,11 @@ impl Deliverer {
                 subject = %message.subject,
                 trace_id = tracing::field::Empty,
                 span_id = tracing::field::Empty,
-                body = %message.body,
                 "notification delivered"
             );
+            // The body may hold personal data (the welcome names the email
+            // address): only at debug level.
+            tracing::debug!(event_id = %decoded.event_id, body = %message.body, "notification body");
             self.store.record(&record(log.clone(), None)).await?;
         }
         let email = Channel::Email.name();
