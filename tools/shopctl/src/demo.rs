@@ -53,7 +53,7 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
 }
 
 /// A request carrying `authorization: Bearer <token>`.
-fn authed<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
+pub(crate) fn authed<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()

@@ -15,6 +15,7 @@ mod out;
 mod admin;
 mod demo;
 mod infra;
+mod load;
 mod stack;
 mod status;
 
@@ -70,6 +71,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drive load against the running stack and report throughput, latency
+    /// per command, errors and end-to-end latency (JSON, Markdown, SVG).
+    Load(load::LoadOptions),
     /// Print a shell completion script, e.g.
     /// `shopctl completions bash > /etc/bash_completion.d/shopctl`.
     Completions {
@@ -251,6 +255,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo { stack_file } => demo::run_or_start(&stack_file).await,
         Command::Status { stack_file, json } => status::show(&stack_file, json).await,
+        Command::Load(options) => load::run(options).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
