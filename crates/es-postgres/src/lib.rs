@@ -5,6 +5,7 @@
 //! Knows nothing of any domain: payloads are JSON, and turning a stored event
 //! into an integration message is the caller's [`relay::IntegrationMapper`].
 
+mod group;
 pub mod integration;
 pub mod projection;
 pub mod relay;

@@ -58,7 +58,13 @@ pub struct Relay<M> {
     mapper: M,
     config: RelayConfig,
     metrics: Option<platform::metrics::Metrics>,
+    /// When the backlog was last measured (at most once per
+    /// [`LAG_EVERY`], not on every wake-up).
+    lag_measured: Option<std::time::Instant>,
 }
+
+/// How often the relay measures its backlog for the lag metrics.
+const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<M> std::fmt::Debug for Relay<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,6 +88,7 @@ impl<M: IntegrationMapper> Relay<M> {
             mapper,
             config,
             metrics: None,
+            lag_measured: None,
         }
     }
 
@@ -105,13 +112,18 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
         format!("outbox:{}", self.config.name)
     }
 
-    /// Measures the backlog between batches (bounded scan).
+    /// Measures the backlog between batches (bounded scan), at most once
+    /// per [`LAG_EVERY`].
     async fn keep_running(
         &mut self,
         conn: &mut PgConnection,
         cursor: &Cursor,
     ) -> Result<bool, TailError> {
+        if self.lag_measured.is_some_and(|at| at.elapsed() < LAG_EVERY) {
+            return Ok(true);
+        }
         if let Some(metrics) = &self.metrics {
+            self.lag_measured = Some(std::time::Instant::now());
             let row = sqlx::query(
                 "SELECT count(*) AS events, \
                         COALESCE(EXTRACT(EPOCH FROM now() - min(occurred_at))::float8, 0) AS seconds \

@@ -197,6 +197,8 @@ fn classify(error: sqlx::Error, stream_id: &str, expected_version: i64) -> Appen
 #[derive(Debug, Clone)]
 pub struct EventStore {
     pool: PgPool,
+    /// Set by [`EventStore::with_group_commit`].
+    group: Option<crate::group::GroupCommit>,
 }
 
 pub(crate) const EVENT_COLUMNS: &str = "position, event_id, stream_id, version, event_type, schema_version, \
@@ -205,7 +207,20 @@ pub(crate) const EVENT_COLUMNS: &str = "position, event_id, stream_id, version, 
 impl EventStore {
     #[must_use]
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, group: None }
+    }
+
+    /// Appends through group commit (see [`crate::group`]): `writers`
+    /// concurrent writers, each committing up to `max_batch` queued
+    /// commands in one statement. Needs a Tokio runtime.
+    #[must_use]
+    pub fn with_group_commit(mut self, writers: usize, max_batch: usize) -> Self {
+        self.group = Some(crate::group::GroupCommit::start(
+            self.pool.clone(),
+            writers,
+            max_batch,
+        ));
+        self
     }
 
     #[must_use]
@@ -227,6 +242,19 @@ impl EventStore {
         idempotency_key: Option<&str>,
         snapshot: Option<&SnapshotWrite>,
     ) -> Result<Appended, AppendError> {
+        if let Some(group) = &self.group {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let request = crate::group::Request {
+                stream_id: stream_id.to_owned(),
+                expected_version,
+                events: events.to_vec(),
+                context: context.clone(),
+                idempotency_key: idempotency_key.map(str::to_owned),
+                snapshot: snapshot.cloned(),
+                reply,
+            };
+            return group.append(request, answer).await;
+        }
         append(
             &self.pool,
             stream_id,

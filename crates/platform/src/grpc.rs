@@ -25,10 +25,21 @@ pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
     Ok((listener, local))
 }
 
-/// The listener as the incoming stream tonic serves.
-#[must_use]
-pub fn incoming(listener: TcpListener) -> TcpListenerStream {
-    TcpListenerStream::new(listener)
+/// The listener as the incoming stream tonic serves, each accepted socket
+/// with `TCP_NODELAY`: a gRPC response is written as headers, data and
+/// trailers, and with Nagle's algorithm the last segment waits for the
+/// client's delayed ACK (~40 ms) whenever it is not the first one in flight.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        })
+    })
 }
 
 /// gRPC reflection (v1) over every `shop.*` package and the health service,

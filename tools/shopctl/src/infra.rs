@@ -386,6 +386,7 @@ pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, Strin
             "-c",
             "unix_socket_directories=",
         ])
+        .args(extra_settings())
         .stdout(log_file(&log)?)
         .stderr(log_file(&log)?)
         .process_group(0)
@@ -411,6 +412,16 @@ pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, Strin
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok((managed, url))
+}
+
+/// `SHOP_POSTGRES_SETTINGS="a=1 b=2"`: extra server settings for the private
+/// cluster (the benchmark loads `pg_stat_statements` this way).
+fn extra_settings() -> Vec<String> {
+    std::env::var("SHOP_POSTGRES_SETTINGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .flat_map(|setting| ["-c".to_owned(), setting.to_owned()])
+        .collect()
 }
 
 /// Creates each database on the server behind `admin_url` unless it exists;

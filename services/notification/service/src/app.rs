@@ -113,6 +113,7 @@ impl Application {
                 Duration::from_millis(settings.retry_max_ms),
             ),
             max_deliver: settings.max_deliver.max(1),
+            lanes: settings.consumer_lanes.clamp(1, 256),
             pause_before_ack: Duration::from_millis(settings.faults.pause_before_ack_ms),
             metrics: metrics.clone(),
         };

@@ -31,6 +31,9 @@ pub struct Settings {
     pub ack_wait_secs: u64,
     /// `APP_MAX_DELIVER`: deliveries of one message before it is dead-lettered.
     pub max_deliver: i64,
+    /// `APP_CONSUMER_LANES`: messages handled at once per consumer, in
+    /// parallel across orders (one order's messages always share a lane).
+    pub consumer_lanes: usize,
     /// Redelivery delays: capped exponential backoff with full jitter.
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
@@ -67,7 +70,7 @@ impl Default for Settings {
         Self {
             grpc_addr: "127.0.0.1:50053".to_owned(),
             database_url: "postgres://postgres@127.0.0.1:5432/shop_notifications".to_owned(),
-            database_max_connections: 10,
+            database_max_connections: 24,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             streams: StreamLimits::default(),
             admin_addr: "127.0.0.1:9093".to_owned(),
@@ -87,6 +90,7 @@ impl Default for Settings {
             consumer_prefix: "notification-service".to_owned(),
             ack_wait_secs: 30,
             max_deliver: 8,
+            consumer_lanes: 16,
             retry_base_ms: 500,
             retry_max_ms: 60_000,
             faults: Faults::default(),

@@ -222,6 +222,8 @@ pub struct Deliverer {
     pub webhooks: Option<WebhookSender>,
     pub backoff: Backoff,
     pub max_deliver: i64,
+    /// Messages handled at once per consumer (see [`run`]).
+    pub lanes: usize,
     pub pause_before_ack: Duration,
     pub metrics: platform::metrics::Metrics,
 }
@@ -242,6 +244,12 @@ impl Deliverer {
 
     /// Delivers what `decoded` causes. A redriven dead letter skips the
     /// ordering gate: its order has moved on, and it is delivered late, once.
+    ///
+    /// An order event costs five round trips: BEGIN, the order's advisory
+    /// lock, one read (progress, channels already done, webhooks, address),
+    /// one write (the log record and the finished version), COMMIT. An
+    /// email or webhook success is recorded at once on its own, so a later
+    /// channel's failure never makes it go out twice.
     async fn process(
         &self,
         subject: &str,
@@ -251,39 +259,53 @@ impl Deliverer {
         if let Some(Trigger::UserCreated { user_id, email }) = &decoded.trigger {
             self.store.remember_recipient(*user_id, email).await?;
         }
-        let mut order_tx = None;
-        if let Some((order_id, version)) = decoded.order.filter(|_| !redriven) {
-            let mut tx = self.store.pool().begin().await?;
-            let last = store::lock_order(&mut tx, order_id).await?;
-            if version <= last {
+        let gated = decoded.order.filter(|_| !redriven);
+        let user = decoded.trigger.as_ref().map(|t| t.render().user_id);
+        let mut tx = self.store.pool().begin().await?;
+        if let Some((order_id, _)) = gated {
+            store::lock_order(&mut tx, order_id).await?;
+        }
+        let known = store::prepare(
+            &mut tx,
+            gated.map(|(order_id, _)| order_id),
+            decoded.event_id,
+            user,
+            self.webhooks.is_some(),
+            self.mailer.is_some(),
+        )
+        .await?;
+        if let Some((order_id, version)) = gated {
+            if version <= known.last_version {
                 return Ok(()); // finished before: a redelivery
             }
-            if version > last + 1 {
+            if version > known.last_version + 1 {
                 return Err(Problem::Waiting(format!(
                     "event {} of order {order_id} is not finished yet",
-                    last + 1
+                    known.last_version + 1
                 )));
             }
-            order_tx = Some(tx);
         }
-        if let Some(trigger) = &decoded.trigger {
-            self.deliver(subject, decoded, trigger).await?;
-        }
-        if let (Some(mut tx), Some((order_id, version))) =
-            (order_tx, decoded.order.filter(|_| !redriven))
-        {
-            store::finish_version(&mut tx, order_id, version).await?;
-            tx.commit().await?;
-        }
-        Ok(())
+        let (log, outcome) = match &decoded.trigger {
+            Some(trigger) => self.deliver(subject, decoded, trigger, &known).await?,
+            None => (None, Ok(())),
+        };
+        // The log record commits even when another channel failed (so the
+        // log line is not written twice); the version finishes only on success.
+        let finished = gated.filter(|_| outcome.is_ok());
+        store::finish(&mut tx, log.as_ref(), finished).await?;
+        tx.commit().await?;
+        outcome
     }
 
+    /// Delivers on every channel not yet done. Returns the log channel's
+    /// record (the caller writes it in its transaction) and the outcome.
     async fn deliver(
         &self,
         subject: &str,
         decoded: &Decoded,
         trigger: &Trigger,
-    ) -> Result<(), Problem> {
+        known: &store::Known,
+    ) -> Result<(Option<Delivered>, Result<(), Problem>), Problem> {
         let message = trigger.render();
         let outgoing = Outgoing {
             event_id: decoded.event_id,
@@ -294,7 +316,7 @@ impl Deliverer {
             subject: &message.subject,
             body: &message.body,
         };
-        let done = self.store.delivered_channels(decoded.event_id).await?;
+        let done = &known.delivered_channels;
         let record = |channel: String, target: Option<String>| Delivered {
             event_id: decoded.event_id,
             event_type: subject.to_owned(),
@@ -307,6 +329,7 @@ impl Deliverer {
         };
         let mut problems = Vec::new();
         let log = Channel::Log.name();
+        let mut log_record = None;
         if self.log && !done.contains(&log) {
             tracing::info!(
                 channel = "log",
@@ -320,20 +343,20 @@ impl Deliverer {
             // The body may hold personal data (the welcome names the email
             // address): only at debug level.
             tracing::debug!(event_id = %decoded.event_id, body = %message.body, "notification body");
-            self.store.record(&record(log.clone(), None)).await?;
+            log_record = Some(record(log, None));
         }
         let email = Channel::Email.name();
         if let Some(mailer) = &self.mailer
             && !done.contains(&email)
         {
-            match self.store.recipient(message.user_id).await? {
+            match &known.recipient {
                 None => problems.push(Problem::Waiting(
                     "the user's email address is not known yet".to_owned(),
                 )),
-                Some(address) => match mailer.send(&address, &outgoing).await {
+                Some(address) => match mailer.send(address, &outgoing).await {
                     Ok(()) => {
                         self.store
-                            .record(&record(email.clone(), Some(address)))
+                            .record(&record(email.clone(), Some(address.clone())))
                             .await?;
                     }
                     Err(error) => problems.push(Problem::Failed(error.to_string())),
@@ -341,7 +364,7 @@ impl Deliverer {
             }
         }
         if let Some(sender) = &self.webhooks {
-            for hook in self.store.webhooks(message.user_id).await? {
+            for hook in &known.webhooks {
                 let channel = Channel::Webhook(hook.id).name();
                 if done.contains(&channel) {
                     continue;
@@ -356,10 +379,11 @@ impl Deliverer {
                 }
             }
         }
-        match problems.into_iter().next() {
+        let outcome = match problems.into_iter().next() {
             None => Ok(()),
             Some(problem) => Err(problem),
-        }
+        };
+        Ok((log_record, outcome))
     }
 
     /// Dead-letters the message and lets its order move on.
@@ -505,19 +529,65 @@ impl Deliverer {
     }
 }
 
+/// The lane of a message: by order, so one order's messages are handled one
+/// at a time and in stream order, while different orders go in parallel.
+fn lane_of(subject: &str, payload: &[u8], lanes: usize) -> usize {
+    use std::hash::{Hash as _, Hasher as _};
+    let key = match decode(subject, payload) {
+        Ok(Some(Decoded {
+            order: Some((order, _)),
+            ..
+        })) => order,
+        Ok(Some(decoded)) => decoded.event_id,
+        _ => return 0,
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % lanes as u64) as usize
+}
+
 /// Consumes one durable consumer until `shutdown`, resubscribing after
-/// connection trouble.
+/// connection trouble. Messages are handled in `deliverer.lanes` lanes at
+/// once, each order always in the same lane: in order per order (ADR 9),
+/// in parallel across orders. A full lane holds back the pull (bounded
+/// memory); on shutdown each lane finishes the message it holds.
 pub async fn run(consumer: PullConsumer, deliverer: Deliverer, shutdown: CancellationToken) {
     let name = consumer.cached_info().name.clone();
-    while !shutdown.is_cancelled() {
+    let lanes = deliverer.lanes.max(1);
+    let mut senders = Vec::with_capacity(lanes);
+    let mut workers = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<jetstream::Message>(32);
+        let (deliverer, name, shutdown) = (deliverer.clone(), name.clone(), shutdown.clone());
+        workers.push(tokio::spawn(async move {
+            while let Some(message) = receiver.recv().await {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                deliverer.handle(&name, message).await;
+            }
+        }));
+        senders.push(sender);
+    }
+    'outer: while !shutdown.is_cancelled() {
         match consumer.messages().await {
             Ok(mut messages) => loop {
                 let next = tokio::select! {
-                    () = shutdown.cancelled() => break,
+                    () = shutdown.cancelled() => break 'outer,
                     next = messages.next() => next,
                 };
                 match next {
-                    Some(Ok(message)) => deliverer.handle(&name, message).await,
+                    Some(Ok(message)) => {
+                        let lane = lane_of(message.subject.as_str(), &message.payload, lanes);
+                        tokio::select! {
+                            () = shutdown.cancelled() => break 'outer,
+                            sent = senders[lane].send(message) => {
+                                if sent.is_err() {
+                                    break 'outer;
+                                }
+                            }
+                        }
+                    }
                     Some(Err(error)) => {
                         tracing::warn!(consumer = %name, %error, "consumer stream error");
                         break;
@@ -531,6 +601,11 @@ pub async fn run(consumer: PullConsumer, deliverer: Deliverer, shutdown: Cancell
             () = shutdown.cancelled() => {}
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+    // Unacknowledged messages still queued are redelivered after ack_wait.
+    drop(senders);
+    for worker in workers {
+        let _ = worker.await;
     }
     tracing::info!(consumer = %name, "consumer stopped");
 }

@@ -73,8 +73,12 @@ impl Application {
             .postgres(pool.clone())
             .nats(nats)
             .breaker(auth.breaker().clone());
-        let commands = OrderCommands::new(EventStore::new(pool.clone()), settings.snapshot_every)
-            .with_metrics(metrics.clone());
+        let mut store = EventStore::new(pool.clone());
+        if settings.append_writers > 0 {
+            store = store.with_group_commit(settings.append_writers, settings.append_batch);
+        }
+        let commands =
+            OrderCommands::new(store, settings.snapshot_every).with_metrics(metrics.clone());
         let reads = ReadModels::new(
             pool.clone(),
             Duration::from_millis(settings.read_your_writes_timeout_ms),

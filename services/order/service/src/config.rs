@@ -23,6 +23,11 @@ pub struct Settings {
     pub token_cache_secs: u64,
     /// `APP_SNAPSHOT_EVERY`: store an aggregate snapshot every N events.
     pub snapshot_every: i64,
+    /// `APP_APPEND_WRITERS`: concurrent appends; commands that queue behind
+    /// them are group-committed, up to `APP_APPEND_BATCH` per statement.
+    /// 0 turns group commit off (one statement per command).
+    pub append_writers: usize,
+    pub append_batch: usize,
     /// Longest a query waits for its `min_position` (read-your-writes).
     pub read_your_writes_timeout_ms: u64,
     /// How long start-up waits for Postgres and NATS.
@@ -34,13 +39,15 @@ impl Default for Settings {
         Self {
             grpc_addr: "127.0.0.1:50052".to_owned(),
             database_url: "postgres://postgres@127.0.0.1:5432/shop_orders".to_owned(),
-            database_max_connections: 10,
+            database_max_connections: 20,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             streams: StreamLimits::default(),
             admin_addr: "127.0.0.1:9092".to_owned(),
             user_service: platform::auth::default_user_service(),
             token_cache_secs: 30,
             snapshot_every: 50,
+            append_writers: 4,
+            append_batch: 128,
             read_your_writes_timeout_ms: 3000,
             startup_wait_secs: 30,
         }

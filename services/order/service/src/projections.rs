@@ -1,22 +1,24 @@
 //! The read models of orders, fed from the event store (see
 //! `es_postgres::projection`): `order_summary` (one row per order, for
 //! `GetOrder`) and `orders_by_user` (for `ListOrders`). Every write is keyed by
-//! generation; applying is idempotent (inserts ignore repeats, updates only
-//! move forward in version).
+//! generation; applying is idempotent (a row only moves forward in version).
+//!
+//! A batch is applied in at most two statements per read model, whatever its
+//! size: the batch's events are first merged per order ([`patches`]), then
+//! orders created in the batch are upserted and the others updated, each
+//! with one `UNNEST` statement.
 
+use chrono::{DateTime, Utc};
 use es::RecordedEvent;
 use es_postgres::{projection::Projection, tail::TailError};
 use order_domain::{OrderEvent, OrderStatus};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
-/// Name of the `order_summary` projection.
 pub const ORDER_SUMMARY: &str = "order_summary";
-/// Name of the `orders_by_user` projection.
 pub const ORDERS_BY_USER: &str = "orders_by_user";
-/// Every projection this service runs, for the CLI.
 pub const ALL: [&str; 2] = [ORDER_SUMMARY, ORDERS_BY_USER];
 
-/// Decodes a stored order event (any schema version); `None` for other types.
 fn decode(event: &RecordedEvent) -> Result<Option<OrderEvent>, TailError> {
     if !event.event_type.starts_with("order.") {
         return Ok(None);
@@ -26,8 +28,7 @@ fn decode(event: &RecordedEvent) -> Result<Option<OrderEvent>, TailError> {
         .map_err(TailError::new)
 }
 
-/// The status an event leaves an order in, and the order it is about.
-fn status_after(event: &OrderEvent) -> (uuid::Uuid, OrderStatus) {
+fn status_after(event: &OrderEvent) -> (Uuid, OrderStatus) {
     match event {
         OrderEvent::Created { order_id, .. } => (*order_id, OrderStatus::Created),
         OrderEvent::Paid { order_id, .. } => (*order_id, OrderStatus::Paid),
@@ -37,30 +38,71 @@ fn status_after(event: &OrderEvent) -> (uuid::Uuid, OrderStatus) {
     }
 }
 
-fn json(value: &impl serde::Serialize) -> Result<serde_json::Value, TailError> {
-    serde_json::to_value(value).map_err(TailError::new)
+fn json_text(value: &impl serde::Serialize) -> Result<String, TailError> {
+    serde_json::to_string(value).map_err(TailError::new)
 }
 
-/// `order_summary`: one row per order with everything `GetOrder` answers.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OrderSummary;
+/// The columns an `order.created` sets once.
+#[derive(Debug, Clone, PartialEq)]
+struct Created {
+    user_id: Uuid,
+    currency: String,
+    total_minor: i64,
+    /// JSON text of the lines.
+    items: String,
+    item_count: i64,
+    /// JSON text of the address, if any.
+    shipping_address: Option<String>,
+    created_at: DateTime<Utc>,
+}
 
-impl Projection for OrderSummary {
-    fn name(&self) -> &'static str {
-        ORDER_SUMMARY
-    }
+/// What one batch does to one order, merged in version order.
+#[derive(Debug, Clone, PartialEq)]
+struct Patch {
+    order_id: Uuid,
+    /// Set when the batch holds the order's creation.
+    created: Option<Created>,
+    status: &'static str,
+    version: i64,
+    updated_at: DateTime<Utc>,
+    payment_reference: Option<String>,
+    carrier: Option<String>,
+    tracking_number: Option<String>,
+    cancel_reason: Option<String>,
+}
 
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        generation: i32,
-        event: &RecordedEvent,
-    ) -> Result<(), TailError> {
+/// Merges a batch (per-stream version order, as followers deliver it) into
+/// one patch per order, in order of first appearance.
+fn patches(events: &[&RecordedEvent]) -> Result<Vec<Patch>, TailError> {
+    let mut patches: Vec<Patch> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for event in events {
         let Some(decoded) = decode(event)? else {
-            return Ok(());
+            continue;
         };
         let (order_id, status) = status_after(&decoded);
-        match &decoded {
+        let slot = *index.entry(order_id).or_insert_with(|| {
+            patches.push(Patch {
+                order_id,
+                created: None,
+                status: status.as_str(),
+                version: 0,
+                updated_at: event.occurred_at,
+                payment_reference: None,
+                carrier: None,
+                tracking_number: None,
+                cancel_reason: None,
+            });
+            patches.len() - 1
+        });
+        let patch = &mut patches[slot];
+        if event.version <= patch.version {
+            continue;
+        }
+        patch.status = status.as_str();
+        patch.version = event.version;
+        patch.updated_at = event.occurred_at;
+        match decoded {
             OrderEvent::Created {
                 user_id,
                 currency,
@@ -69,62 +111,170 @@ impl Projection for OrderSummary {
                 shipping_address,
                 ..
             } => {
-                sqlx::query(
-                    "INSERT INTO order_summary (generation, order_id, user_id, status, currency, total_minor, items, \
-                     shipping_address, version, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT DO NOTHING",
-                )
-                .bind(generation)
-                .bind(order_id)
-                .bind(user_id)
-                .bind(status.as_str())
-                .bind(currency.as_str())
-                .bind(total_minor)
-                .bind(json(lines)?)
-                .bind(shipping_address.as_ref().map(json).transpose()?)
-                .bind(event.version)
-                .bind(event.occurred_at)
-                .execute(conn)
-                .await?;
+                patch.created = Some(Created {
+                    user_id,
+                    currency: currency.as_str().to_owned(),
+                    total_minor,
+                    items: json_text(&lines)?,
+                    item_count: lines.iter().map(|l| i64::from(l.quantity.get())).sum(),
+                    shipping_address: shipping_address.as_ref().map(json_text).transpose()?,
+                    created_at: event.occurred_at,
+                });
             }
-            other => {
-                let (payment_reference, carrier, tracking_number, cancel_reason) = match other {
-                    OrderEvent::Paid {
-                        payment_reference, ..
-                    } => (Some(payment_reference.as_str()), None, None, None),
-                    OrderEvent::Shipped {
-                        carrier,
-                        tracking_number,
-                        ..
-                    } => (
-                        None,
-                        Some(carrier.as_str()),
-                        Some(tracking_number.as_str()),
-                        None,
-                    ),
-                    OrderEvent::Cancelled { reason, .. } => {
-                        (None, None, None, Some(reason.as_str()))
-                    }
-                    _ => (None, None, None, None),
-                };
-                sqlx::query(
-                    "UPDATE order_summary SET status = $3, version = $4, updated_at = $5, \
-                     payment_reference = COALESCE($6, payment_reference), carrier = COALESCE($7, carrier), \
-                     tracking_number = COALESCE($8, tracking_number), cancel_reason = COALESCE($9, cancel_reason) \
-                     WHERE generation = $1 AND order_id = $2 AND version < $4",
-                )
-                .bind(generation)
-                .bind(order_id)
-                .bind(status.as_str())
-                .bind(event.version)
-                .bind(event.occurred_at)
-                .bind(payment_reference)
-                .bind(carrier)
-                .bind(tracking_number)
-                .bind(cancel_reason)
-                .execute(conn)
-                .await?;
+            OrderEvent::Paid {
+                payment_reference, ..
+            } => patch.payment_reference = Some(payment_reference.as_str().to_owned()),
+            OrderEvent::Shipped {
+                carrier,
+                tracking_number,
+                ..
+            } => {
+                patch.carrier = Some(carrier.as_str().to_owned());
+                patch.tracking_number = Some(tracking_number.as_str().to_owned());
             }
+            OrderEvent::Cancelled { reason, .. } => {
+                patch.cancel_reason = Some(reason.as_str().to_owned());
+            }
+            OrderEvent::Delivered { .. } => {}
+        }
+    }
+    Ok(patches)
+}
+
+/// Column vectors of the patches, for `UNNEST`.
+#[derive(Debug, Default)]
+struct Columns {
+    order_id: Vec<Uuid>,
+    status: Vec<&'static str>,
+    version: Vec<i64>,
+    updated_at: Vec<DateTime<Utc>>,
+    payment_reference: Vec<Option<String>>,
+    carrier: Vec<Option<String>>,
+    tracking_number: Vec<Option<String>>,
+    cancel_reason: Vec<Option<String>>,
+    user_id: Vec<Uuid>,
+    currency: Vec<String>,
+    total_minor: Vec<i64>,
+    items: Vec<String>,
+    item_count: Vec<i64>,
+    shipping_address: Vec<Option<String>>,
+    created_at: Vec<DateTime<Utc>>,
+}
+
+impl Columns {
+    fn push(&mut self, patch: &Patch) {
+        self.order_id.push(patch.order_id);
+        self.status.push(patch.status);
+        self.version.push(patch.version);
+        self.updated_at.push(patch.updated_at);
+        self.payment_reference.push(patch.payment_reference.clone());
+        self.carrier.push(patch.carrier.clone());
+        self.tracking_number.push(patch.tracking_number.clone());
+        self.cancel_reason.push(patch.cancel_reason.clone());
+        if let Some(c) = &patch.created {
+            self.user_id.push(c.user_id);
+            self.currency.push(c.currency.clone());
+            self.total_minor.push(c.total_minor);
+            self.items.push(c.items.clone());
+            self.item_count.push(c.item_count);
+            self.shipping_address.push(c.shipping_address.clone());
+            self.created_at.push(c.created_at);
+        }
+    }
+
+    /// (orders created in the batch, orders only changed by it).
+    fn split(patches: &[Patch]) -> (Self, Self) {
+        let (mut created, mut changed) = (Self::default(), Self::default());
+        for patch in patches {
+            if patch.created.is_some() {
+                created.push(patch);
+            } else {
+                changed.push(patch);
+            }
+        }
+        (created, changed)
+    }
+}
+
+const SUMMARY_UPSERT: &str = "
+INSERT INTO order_summary (generation, order_id, status, version, updated_at, payment_reference, carrier,
+                           tracking_number, cancel_reason, user_id, currency, total_minor, items,
+                           shipping_address, created_at)
+SELECT $1, u.order_id, u.status, u.version, u.updated_at, u.payment_reference, u.carrier, u.tracking_number,
+       u.cancel_reason, u.user_id, u.currency, u.total_minor, u.items::jsonb, u.shipping_address::jsonb,
+       u.created_at
+FROM UNNEST($2::uuid[], $3::text[], $4::int8[], $5::timestamptz[], $6::text[], $7::text[], $8::text[],
+            $9::text[], $10::uuid[], $11::text[], $12::int8[], $13::text[], $14::text[], $15::timestamptz[])
+     AS u(order_id, status, version, updated_at, payment_reference, carrier, tracking_number, cancel_reason,
+          user_id, currency, total_minor, items, shipping_address, created_at)
+ON CONFLICT (generation, order_id) DO UPDATE SET
+    status = EXCLUDED.status, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
+    payment_reference = COALESCE(EXCLUDED.payment_reference, order_summary.payment_reference),
+    carrier = COALESCE(EXCLUDED.carrier, order_summary.carrier),
+    tracking_number = COALESCE(EXCLUDED.tracking_number, order_summary.tracking_number),
+    cancel_reason = COALESCE(EXCLUDED.cancel_reason, order_summary.cancel_reason)
+WHERE order_summary.version < EXCLUDED.version";
+
+const SUMMARY_UPDATE: &str = "
+UPDATE order_summary s SET
+    status = u.status, version = u.version, updated_at = u.updated_at,
+    payment_reference = COALESCE(u.payment_reference, s.payment_reference),
+    carrier = COALESCE(u.carrier, s.carrier),
+    tracking_number = COALESCE(u.tracking_number, s.tracking_number),
+    cancel_reason = COALESCE(u.cancel_reason, s.cancel_reason)
+FROM UNNEST($2::uuid[], $3::text[], $4::int8[], $5::timestamptz[], $6::text[], $7::text[], $8::text[],
+            $9::text[])
+     AS u(order_id, status, version, updated_at, payment_reference, carrier, tracking_number, cancel_reason)
+WHERE s.generation = $1 AND s.order_id = u.order_id AND s.version < u.version";
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OrderSummary;
+
+impl Projection for OrderSummary {
+    fn name(&self) -> &'static str {
+        ORDER_SUMMARY
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        generation: i32,
+        events: &[&RecordedEvent],
+    ) -> Result<(), TailError> {
+        let (created, changed) = Columns::split(&patches(events)?);
+        if !created.order_id.is_empty() {
+            sqlx::query(SUMMARY_UPSERT)
+                .bind(generation)
+                .bind(&created.order_id)
+                .bind(&created.status)
+                .bind(&created.version)
+                .bind(&created.updated_at)
+                .bind(&created.payment_reference)
+                .bind(&created.carrier)
+                .bind(&created.tracking_number)
+                .bind(&created.cancel_reason)
+                .bind(&created.user_id)
+                .bind(&created.currency)
+                .bind(&created.total_minor)
+                .bind(&created.items)
+                .bind(&created.shipping_address)
+                .bind(&created.created_at)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !changed.order_id.is_empty() {
+            sqlx::query(SUMMARY_UPDATE)
+                .bind(generation)
+                .bind(&changed.order_id)
+                .bind(&changed.status)
+                .bind(&changed.version)
+                .bind(&changed.updated_at)
+                .bind(&changed.payment_reference)
+                .bind(&changed.carrier)
+                .bind(&changed.tracking_number)
+                .bind(&changed.cancel_reason)
+                .execute(&mut *conn)
+                .await?;
         }
         Ok(())
     }
@@ -138,7 +288,24 @@ impl Projection for OrderSummary {
     }
 }
 
-/// `orders_by_user`: a user's orders with their status, for listing.
+const BY_USER_UPSERT: &str = "
+INSERT INTO orders_by_user (generation, order_id, status, version, updated_at, user_id, currency,
+                            total_minor, item_count, created_at)
+SELECT $1, u.order_id, u.status, u.version, u.updated_at, u.user_id, u.currency, u.total_minor,
+       u.item_count, u.created_at
+FROM UNNEST($2::uuid[], $3::text[], $4::int8[], $5::timestamptz[], $6::uuid[], $7::text[], $8::int8[],
+            $9::int8[], $10::timestamptz[])
+     AS u(order_id, status, version, updated_at, user_id, currency, total_minor, item_count, created_at)
+ON CONFLICT (generation, order_id) DO UPDATE SET
+    status = EXCLUDED.status, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
+WHERE orders_by_user.version < EXCLUDED.version";
+
+const BY_USER_UPDATE: &str = "
+UPDATE orders_by_user s SET status = u.status, version = u.version, updated_at = u.updated_at
+FROM UNNEST($2::uuid[], $3::text[], $4::int8[], $5::timestamptz[])
+     AS u(order_id, status, version, updated_at)
+WHERE s.generation = $1 AND s.order_id = u.order_id AND s.version < u.version";
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OrdersByUser;
 
@@ -147,52 +314,37 @@ impl Projection for OrdersByUser {
         ORDERS_BY_USER
     }
 
-    async fn apply(
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
         generation: i32,
-        event: &RecordedEvent,
+        events: &[&RecordedEvent],
     ) -> Result<(), TailError> {
-        let Some(decoded) = decode(event)? else {
-            return Ok(());
-        };
-        let (order_id, status) = status_after(&decoded);
-        if let OrderEvent::Created {
-            user_id,
-            currency,
-            lines,
-            total_minor,
-            ..
-        } = &decoded
-        {
-            let item_count: i64 = lines.iter().map(|l| i64::from(l.quantity.get())).sum();
-            sqlx::query(
-                "INSERT INTO orders_by_user (generation, user_id, order_id, status, currency, total_minor, item_count, \
-                 version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) ON CONFLICT DO NOTHING",
-            )
-            .bind(generation)
-            .bind(user_id)
-            .bind(order_id)
-            .bind(status.as_str())
-            .bind(currency.as_str())
-            .bind(total_minor)
-            .bind(item_count)
-            .bind(event.version)
-            .bind(event.occurred_at)
-            .execute(conn)
-            .await?;
-        } else {
-            sqlx::query(
-                "UPDATE orders_by_user SET status = $3, version = $4, updated_at = $5 \
-                 WHERE generation = $1 AND order_id = $2 AND version < $4",
-            )
-            .bind(generation)
-            .bind(order_id)
-            .bind(status.as_str())
-            .bind(event.version)
-            .bind(event.occurred_at)
-            .execute(conn)
-            .await?;
+        let (created, changed) = Columns::split(&patches(events)?);
+        if !created.order_id.is_empty() {
+            sqlx::query(BY_USER_UPSERT)
+                .bind(generation)
+                .bind(&created.order_id)
+                .bind(&created.status)
+                .bind(&created.version)
+                .bind(&created.updated_at)
+                .bind(&created.user_id)
+                .bind(&created.currency)
+                .bind(&created.total_minor)
+                .bind(&created.item_count)
+                .bind(&created.created_at)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !changed.order_id.is_empty() {
+            sqlx::query(BY_USER_UPDATE)
+                .bind(generation)
+                .bind(&changed.order_id)
+                .bind(&changed.status)
+                .bind(&changed.version)
+                .bind(&changed.updated_at)
+                .execute(&mut *conn)
+                .await?;
         }
         Ok(())
     }

@@ -73,6 +73,7 @@ impl Application {
             UserStore::new(pool.clone()),
             token_issuer(auth)?,
             throttle,
+            crate::hashing::HashPool::per_core(),
             metrics.clone(),
         );
         let readiness = Readiness::new().postgres(pool.clone()).nats(nats);

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use argon2::{
-    Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _,
+    Argon2, PasswordHash,
     password_hash::{SaltString, rand_core::OsRng},
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -15,17 +15,95 @@ use uuid::Uuid;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
+thread_local! {
+    /// argon2's working memory (19 MiB with the default parameters), kept
+    /// per hashing thread and reused: allocating it per call left every
+    /// thread's malloc arena holding freed copies (hundreds of MB resident).
+    static MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Stored hashes never need more memory than this (1 GiB of blocks).
+const MAX_BLOCKS: usize = 1 << 20;
+
+/// `argon2.hash_password(password, salt)` in this thread's reused memory.
+fn hash_in_place<'a>(
+    argon2: &Argon2<'_>,
+    params: &argon2::Params,
+    password: &[u8],
+    salt: argon2::password_hash::Salt<'a>,
+) -> Result<PasswordHash<'a>, argon2::password_hash::Error> {
+    let blocks = params.block_count();
+    if blocks > MAX_BLOCKS {
+        return Err(argon2::password_hash::Error::ParamValueInvalid(
+            argon2::password_hash::errors::InvalidValue::TooLong,
+        ));
+    }
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.decode_b64(&mut salt_bytes)?;
+    let output_len = params
+        .output_len()
+        .unwrap_or(argon2::Params::DEFAULT_OUTPUT_LEN);
+    let output = MEMORY.with_borrow_mut(|memory| {
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::default());
+        }
+        argon2::password_hash::Output::init_with(output_len, |out| {
+            argon2
+                .hash_password_into_with_memory(password, salt_bytes, out, &mut memory[..])
+                .map_err(|_| argon2::password_hash::Error::Crypto)
+        })
+    })?;
+    Ok(PasswordHash {
+        algorithm: argon2::Algorithm::Argon2id.ident(),
+        version: Some(argon2::Version::V0x13.into()),
+        params: argon2::password_hash::ParamsString::try_from(params)?,
+        salt: Some(salt),
+        hash: Some(output),
+    })
+}
+
 /// Hashes a password with argon2id (default parameters: 19 MiB, 2 passes).
-/// CPU-bound: call from `spawn_blocking`.
+/// CPU-bound: call from the hashing pool (`crate::hashing`).
 ///
 /// # Errors
 ///
 /// Fails only if argon2 rejects its own parameters.
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);
-    Ok(Argon2::default()
-        .hash_password(password.as_bytes(), &salt)?
-        .to_string())
+    let params = argon2::Params::default();
+    let argon2 = Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        params.clone(),
+    );
+    Ok(hash_in_place(&argon2, &params, password.as_bytes(), salt.as_salt())?.to_string())
+}
+
+/// Checks `password` against a stored argon2id hash (its own parameters and
+/// salt), in the reused memory; outputs compare in constant time.
+fn verify_in_place(password: &[u8], stored: &PasswordHash<'_>) -> bool {
+    if stored.algorithm != argon2::Algorithm::Argon2id.ident() {
+        return false;
+    }
+    let (Ok(params), Some(salt), Some(expected)) = (
+        argon2::Params::try_from(stored),
+        stored.salt,
+        stored.hash.as_ref(),
+    ) else {
+        return false;
+    };
+    let version = stored
+        .version
+        .map_or(Ok(argon2::Version::V0x13), argon2::Version::try_from);
+    let Ok(version) = version else {
+        return false;
+    };
+    let argon2 = Argon2::new(argon2::Algorithm::Argon2id, version, params.clone());
+    hash_in_place(&argon2, &params, password, salt)
+        .ok()
+        .and_then(|computed| computed.hash)
+        .is_some_and(|computed| computed == *expected)
 }
 
 /// Checks a password against a stored hash. `None` (unknown user) still costs
@@ -41,9 +119,7 @@ pub fn verify_password(password: &str, stored_hash: Option<&str>) -> bool {
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
     };
-    let matches = Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .is_ok();
+    let matches = verify_in_place(password.as_bytes(), &parsed);
     known && matches
 }
 
@@ -207,6 +283,30 @@ fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_interoperate_with_the_standard_argon2_api() {
+        use argon2::{PasswordHasher as _, PasswordVerifier as _};
+        let salt = SaltString::generate(&mut OsRng);
+        let standard = Argon2::default()
+            .hash_password(b"first password", &salt)
+            .expect("hash")
+            .to_string();
+        assert!(verify_password("first password", Some(&standard)));
+        assert!(!verify_password("second password", Some(&standard)));
+        let ours = hash_password("first password").expect("hash");
+        let parsed = PasswordHash::new(&ours).expect("PHC string");
+        assert!(
+            Argon2::default()
+                .verify_password(b"first password", &parsed)
+                .is_ok()
+        );
+        assert!(verify_password("first password", Some(&ours)));
+        assert!(
+            !verify_password("first password", None),
+            "unknown users never match"
+        );
+    }
 
     fn issuer() -> TokenIssuer {
         TokenIssuer::new(

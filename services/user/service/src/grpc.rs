@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::{
     auth::{self, TokenIssuer},
+    hashing::HashPool,
     store::{LoginThrottle, StoreError, UserRecord, UserStore},
 };
 
@@ -20,6 +21,7 @@ pub struct UserApi {
     store: UserStore,
     tokens: TokenIssuer,
     throttle: LoginThrottle,
+    hashes: HashPool,
     metrics: platform::metrics::Metrics,
 }
 
@@ -29,14 +31,27 @@ impl UserApi {
         store: UserStore,
         tokens: TokenIssuer,
         throttle: LoginThrottle,
+        hashes: HashPool,
         metrics: platform::metrics::Metrics,
     ) -> Self {
         Self {
             store,
             tokens,
             throttle,
+            hashes,
             metrics,
         }
+    }
+
+    /// Runs a password hash or check on the bounded pool.
+    async fn hashing<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        self.hashes
+            .run(f)
+            .await
+            .map_err(|busy| Status::resource_exhausted(busy.to_string()))
     }
 }
 
@@ -48,12 +63,6 @@ fn to_proto(user: &UserRecord) -> pb::User {
         email: user.email.clone(),
         created_at: Some(contracts::timestamp(user.created_at)),
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| status::internal(&e))
 }
 
 #[tonic::async_trait]
@@ -73,7 +82,8 @@ impl UserService for UserApi {
         let (Some(email), Some(password)) = (email, password) else {
             return Err(violations.into_status());
         };
-        let hash = blocking(move || auth::hash_password(password.expose()))
+        let hash = self
+            .hashing(move || auth::hash_password(password.expose()))
             .await?
             .map_err(|e| status::internal(&e))?;
         let id = Uuid::now_v7();
@@ -142,7 +152,9 @@ impl UserService for UserApi {
         };
         let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
         let password = request.password;
-        let ok = blocking(move || auth::verify_password(&password, stored_hash.as_deref())).await?;
+        let ok = self
+            .hashing(move || auth::verify_password(&password, stored_hash.as_deref()))
+            .await?;
         let Some(user) = user.filter(|_| ok) else {
             self.throttle
                 .record_failure(&throttle_key)

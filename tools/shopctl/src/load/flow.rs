@@ -358,7 +358,7 @@ async fn one_flow(plan: &Plan, shared: &Shared, n: u64, planned: Option<Instant>
         }
         if step == Step::Create && plan.read_sample > 0 {
             let nth = shared.creates.fetch_add(1, Ordering::Relaxed);
-            if nth % plan.read_sample == 0 {
+            if nth.is_multiple_of(plan.read_sample) {
                 read_model_lag(plan, shared, &mut orders, user, &order_id, position, now).await;
             }
         }

@@ -39,15 +39,11 @@ fn polyline(svg: &mut String, points: &[(f64, f64)], colour: &str) {
     );
 }
 
-/// One panel with axes; `series` are (label, colour, values per second).
-fn panel(
-    svg: &mut String,
-    top: f64,
-    title: &str,
-    unit: &str,
-    seconds: u64,
-    series: &[(&str, &str, Vec<(u64, f64)>)],
-) {
+/// A line: label, colour, (second, value) points.
+type Series<'a> = (&'a str, &'a str, Vec<(u64, f64)>);
+
+/// One panel with axes and its lines.
+fn panel(svg: &mut String, top: f64, title: &str, unit: &str, seconds: u64, series: &[Series<'_>]) {
     let max = nice_max(
         series
             .iter()

@@ -91,6 +91,9 @@ pub(crate) struct Report {
     pub(crate) commands_per_second: f64,
     pub(crate) calls_per_second: f64,
     pub(crate) commands_ok: u64,
+    /// Successful commands over the whole run, warm-up included (what the
+    /// system did work for; the benchmark divides CPU time by it).
+    pub(crate) commands_total: u64,
     pub(crate) errors: u64,
     pub(crate) errors_by_code: BTreeMap<String, u64>,
     /// Open loop: starts dropped because too many flows were in flight.
@@ -180,6 +183,10 @@ pub(crate) fn build(shared: &Shared, settings: &Settings, t0: std::time::Instant
         commands_per_second: commands_ok as f64 / secs,
         calls_per_second: calls_ok as f64 / secs,
         commands_ok,
+        commands_total: samples
+            .iter()
+            .filter(|s| s.code.is_none() && s.step.is_command())
+            .count() as u64,
         errors,
         errors_by_code,
         dropped_starts: shared.dropped.load(std::sync::atomic::Ordering::Relaxed),
