@@ -6,6 +6,7 @@
 mod deploy;
 mod e2e;
 mod fuzz;
+mod hostile;
 mod notification_api;
 mod notifications;
 mod observability;

@@ -189,7 +189,13 @@ impl CallPolicy {
                     self.downstream
                 ))),
             };
-            let failed = matches!(&result, Err(status) if is_failure(status.code()));
+            // A deadline cut short by the *caller's* deadline says nothing
+            // about the downstream: a caller sending `grpc-timeout: 500u`
+            // must not be able to open the breaker for everyone.
+            let full_time = permit.timeout.unwrap_or(self.per_try_timeout);
+            let cut_short = timeout < full_time;
+            let failed = matches!(&result, Err(status) if is_failure(status.code())
+                && !(cut_short && matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled)));
             self.breaker.record(
                 permit,
                 if failed {
@@ -335,6 +341,45 @@ mod tests {
             Instant::now() <= deadline + Duration::from_millis(1),
             "never past the caller's deadline"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_of_the_callers_own_short_deadline_never_open_the_breaker() {
+        let policy = CallPolicy::new(
+            "user-service",
+            &ClientSettings {
+                max_attempts: 1,
+                breaker_failure_threshold: 3,
+                ..settings()
+            },
+            &Metrics::new(),
+        );
+        // A hostile caller: `grpc-timeout: 500u` on every request.
+        for _ in 0..50 {
+            let deadline = Instant::now() + Duration::from_micros(500);
+            let result: Result<(), Status> = policy
+                .call(Some(deadline), false, |_| async {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok(())
+                })
+                .await;
+            assert_eq!(
+                result.expect_err("too short").code(),
+                Code::DeadlineExceeded
+            );
+        }
+        assert_eq!(policy.breaker().state(), resilience::State::Closed);
+        // The downstream's own slowness, with the full per-try time, still counts.
+        for _ in 0..3 {
+            let result: Result<(), Status> = policy
+                .call(None, false, |_| async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok(())
+                })
+                .await;
+            assert!(result.is_err());
+        }
+        assert_eq!(policy.breaker().state(), resilience::State::Open);
     }
 
     #[tokio::test(start_paused = true)]

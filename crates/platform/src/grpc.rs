@@ -165,24 +165,49 @@ pub fn traceparent(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
 #[must_use]
 pub fn incoming_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
     let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
-    Some(tokio::time::Instant::now() + timeout)
+    let now = tokio::time::Instant::now();
+    Some(
+        now.checked_add(timeout)
+            .unwrap_or(now + MAX_INCOMING_TIMEOUT),
+    )
 }
 
-/// Parses a `grpc-timeout` header value.
+/// The longest deadline a caller can ask for; longer ones (and values with
+/// more digits than the gRPC spec allows) are treated as this.
+pub const MAX_INCOMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Parses a `grpc-timeout` header value as the gRPC spec defines it: one to
+/// eight ASCII digits, then a unit (`H`, `M`, `S`, `m`, `u`, `n`). Untrusted
+/// input: no arithmetic here can overflow or panic. More than eight digits is
+/// out of range and means [`MAX_INCOMING_TIMEOUT`]; anything else malformed
+/// is `None` (no deadline from the caller).
 #[must_use]
 pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = digits.parse().ok()?;
-    let timeout = match unit {
-        "H" => std::time::Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => std::time::Duration::from_secs(amount.saturating_mul(60)),
-        "S" => std::time::Duration::from_secs(amount),
-        "m" => std::time::Duration::from_millis(amount),
-        "u" => std::time::Duration::from_micros(amount),
-        "n" => std::time::Duration::from_nanos(amount),
+    use std::time::Duration;
+    let unit = value.chars().last()?;
+    let digits = &value[..value.len() - unit.len_utf8()];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let per_unit = match unit {
+        'H' => Duration::from_secs(3600),
+        'M' => Duration::from_secs(60),
+        'S' => Duration::from_secs(1),
+        'm' => Duration::from_millis(1),
+        'u' => Duration::from_micros(1),
+        'n' => Duration::from_nanos(1),
         _ => return None,
     };
-    Some(timeout)
+    if digits.len() > 8 {
+        return Some(MAX_INCOMING_TIMEOUT);
+    }
+    let amount: u32 = digits.parse().ok()?;
+    Some(
+        per_unit
+            .checked_mul(amount)
+            .unwrap_or(MAX_INCOMING_TIMEOUT)
+            .min(MAX_INCOMING_TIMEOUT),
+    )
 }
 
 /// Everything one service runs, driven by one shutdown token.
@@ -303,5 +328,54 @@ where
             response
         };
         Box::pin(tracing::Instrument::instrument(observed, span))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_defines_them() {
+        assert_eq!(parse_grpc_timeout("500u"), Some(Duration::from_micros(500)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("99999999m"), Some(MAX_INCOMING_TIMEOUT));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in [
+            "", "S", "5", "5x", "-5S", "+5S", " 5S", "5 S", "1é", "é", "5SS",
+        ] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_timeouts_are_the_server_maximum_and_never_overflow() {
+        // The header that panicked `Instant::now() + timeout`.
+        assert_eq!(
+            parse_grpc_timeout("18446744073709551615S"),
+            Some(MAX_INCOMING_TIMEOUT)
+        );
+        assert_eq!(parse_grpc_timeout("99999999H"), Some(MAX_INCOMING_TIMEOUT));
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(
+            "grpc-timeout",
+            "18446744073709551615S".parse().expect("ascii"),
+        );
+        let deadline = incoming_deadline(&metadata).expect("a deadline");
+        assert!(deadline <= tokio::time::Instant::now() + MAX_INCOMING_TIMEOUT);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_grpc_timeout_header_panics(value in "\\PC{0,24}") {
+            let _ = parse_grpc_timeout(&value);
+            if let Ok(header) = value.parse() {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                metadata.insert("grpc-timeout", header);
+                let _ = incoming_deadline(&metadata);
+            }
+        }
     }
 }

@@ -90,12 +90,31 @@ impl std::fmt::Display for BreakerOpen {
 impl std::error::Error for BreakerOpen {}
 
 /// Permission to make one call; report its outcome with [`CircuitBreaker::record`].
+///
+/// A permit dropped without a report (the caller gave up: its own deadline
+/// passed, its request was cancelled) counts as neither success nor
+/// failure, and a half-open trial slot it held is freed: a trial that is
+/// never reported must not keep the breaker half-open forever.
 #[derive(Debug)]
 #[must_use]
 pub struct Permit {
     trial: bool,
     /// The deadline this call must keep to (shorter for trials).
     pub timeout: Option<Duration>,
+    /// The half-open episode a trial belongs to, and the breaker to give
+    /// its slot back to if dropped unreported.
+    slot: Option<(u64, Arc<Mutex<Inner>>)>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some((episode, inner)) = self.slot.take()
+            && let Ok(mut inner) = inner.lock()
+            && inner.episode == episode
+        {
+            inner.trials_in_flight = inner.trials_in_flight.saturating_sub(1);
+        }
+    }
 }
 
 impl Permit {
@@ -113,6 +132,8 @@ struct Inner {
     opened_at: Instant,
     trials_in_flight: u32,
     trial_successes: u32,
+    /// Counts half-open episodes, so a late trial never touches a newer one.
+    episode: u64,
 }
 
 type Listener = Arc<dyn Fn(&str, State, State) + Send + Sync>;
@@ -121,7 +142,7 @@ type Listener = Arc<dyn Fn(&str, State, State) + Send + Sync>;
 pub struct CircuitBreaker {
     name: String,
     config: BreakerConfig,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     on_transition: Option<Listener>,
 }
 
@@ -141,13 +162,14 @@ impl CircuitBreaker {
         Self {
             name: name.into(),
             config,
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 state: State::Closed,
                 consecutive_failures: 0,
                 opened_at: Instant::now(),
                 trials_in_flight: 0,
                 trial_successes: 0,
-            }),
+                episode: 0,
+            })),
             on_transition: None,
         }
     }
@@ -195,6 +217,7 @@ impl CircuitBreaker {
             State::HalfOpen => {
                 inner.trials_in_flight = 0;
                 inner.trial_successes = 0;
+                inner.episode += 1;
             }
             State::Closed => inner.consecutive_failures = 0,
         }
@@ -227,12 +250,14 @@ impl CircuitBreaker {
             State::Closed => Ok(Permit {
                 trial: false,
                 timeout: None,
+                slot: None,
             }),
             State::HalfOpen if inner.trials_in_flight < self.config.half_open_max_calls => {
                 inner.trials_in_flight += 1;
                 Ok(Permit {
                     trial: true,
                     timeout: Some(self.config.trial_timeout),
+                    slot: Some((inner.episode, Arc::clone(&self.inner))),
                 })
             }
             _ => Err(BreakerOpen { retry_after: None }),
@@ -240,16 +265,18 @@ impl CircuitBreaker {
     }
 
     /// Reports how a permitted call went.
-    pub fn record(&self, permit: Permit, outcome: Outcome) {
+    pub fn record(&self, mut permit: Permit, outcome: Outcome) {
+        let slot = permit.slot.take();
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
         if permit.trial {
-            inner.trials_in_flight = inner.trials_in_flight.saturating_sub(1);
             // A trial that ends after the breaker moved on counts for nothing.
-            if inner.state != State::HalfOpen {
+            let current = slot.is_some_and(|(episode, _)| episode == inner.episode);
+            if !current || inner.state != State::HalfOpen {
                 return;
             }
+            inner.trials_in_flight = inner.trials_in_flight.saturating_sub(1);
             match outcome {
                 Outcome::Failure => self.transition(&mut inner, State::Open),
                 Outcome::Success => {
@@ -355,6 +382,68 @@ mod tests {
         assert!(b.try_acquire().is_err(), "the wait restarted");
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(b.try_acquire().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trial_dropped_unreported_frees_its_slot_and_counts_for_nothing() {
+        let b = breaker();
+        (0..3).for_each(|_| fail(&b));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // Both trial slots taken, then abandoned (the caller's deadline passed).
+        let first = b.try_acquire().expect("trial");
+        let second = b.try_acquire().expect("trial");
+        assert!(first.is_trial() && second.is_trial());
+        assert!(b.try_acquire().is_err(), "every slot is taken");
+        drop(first);
+        drop(second);
+        assert_eq!(
+            b.state(),
+            State::HalfOpen,
+            "an abandoned trial is no failure"
+        );
+        // The slots are free again and the breaker can close.
+        succeed(&b);
+        succeed(&b);
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_trial_of_an_earlier_episode_never_frees_a_newer_slot() {
+        let b = CircuitBreaker::new(
+            "test",
+            BreakerConfig {
+                failure_threshold: 1,
+                open_for: Duration::from_secs(10),
+                half_open_max_calls: 1,
+                success_threshold: 1,
+                trial_timeout: Duration::from_millis(200),
+            },
+        );
+        fail(&b);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let stale = b.try_acquire().expect("trial");
+        let failing = b.try_acquire();
+        assert!(failing.is_err(), "one slot");
+        b.record(stale, Outcome::Failure); // opens again
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let current = b.try_acquire().expect("a trial of the new episode");
+        let old = {
+            // A permit from the previous episode, dropped now, must not free
+            // the current episode's only slot.
+            let mut inner = b.inner.lock().expect("lock");
+            inner.trials_in_flight += 1;
+            Permit {
+                trial: true,
+                timeout: None,
+                slot: Some((inner.episode - 1, Arc::clone(&b.inner))),
+            }
+        };
+        drop(old);
+        assert!(
+            b.try_acquire().is_err(),
+            "the current trial still holds the slot"
+        );
+        drop(current);
     }
 
     #[tokio::test(start_paused = true)]

@@ -211,6 +211,36 @@ fn up_then_demo_then_sigterm_stops_everything() -> Result<(), Box<dyn std::error
         "{republished}"
     );
 
+    // The load generator, briefly: every command accepted, every
+    // notification streamed back, the three report files written.
+    let reports = dir.path().join("load-report");
+    let load = run(&[
+        "load",
+        "--concurrency",
+        "2",
+        "--duration",
+        "2s",
+        "--warmup",
+        "0s",
+        "--json",
+        "--quiet",
+        "--report-dir",
+        reports.to_str().unwrap_or_default(),
+    ])?;
+    let load: serde_json::Value = serde_json::from_str(&load)?;
+    assert!(load["commands_ok"].as_u64() > Some(0), "{load}");
+    assert_eq!(load["errors"], 0, "{load}");
+    assert_eq!(load["notifications_missing"], 0, "{load}");
+    assert!(
+        load["notification_e2e"]["count"].as_u64() > Some(0),
+        "{load}"
+    );
+    assert!(std::fs::read_to_string(reports.join("load.svg"))?.starts_with("<svg"));
+    assert!(std::fs::read_to_string(reports.join("load.md"))?.contains("| create |"));
+    serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(
+        reports.join("load.json"),
+    )?)?;
+
     let pid = up.id().to_string();
     assert!(
         Command::new("kill")
