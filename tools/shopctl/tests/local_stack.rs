@@ -149,6 +149,25 @@ fn up_then_demo_then_sigterm_stops_everything() -> Result<(), Box<dyn std::error
         Some(5),
         "{status}"
     );
+    // Prometheus file-based discovery of the admin ports.
+    let targets: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        data.join("prometheus-targets.json"),
+    )?)?;
+    let services: Vec<_> = targets
+        .as_array()
+        .expect("target groups")
+        .iter()
+        .map(|g| {
+            g["labels"]["service"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        services,
+        ["user-service", "order-service", "notification-service"]
+    );
     let text = run(&["status"])?;
     assert!(
         text.contains("circuit breaker to user-service: closed"),
