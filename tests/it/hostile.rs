@@ -73,3 +73,38 @@ async fn an_out_of_range_grpc_timeout_is_answered_not_panicked() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Finding 6: the `method` label was the raw request path, so made-up paths
+/// added series without bound. Now they all count as `unknown`.
+#[tokio::test]
+async fn made_up_methods_add_no_metric_series() -> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let channel = stack.channel_to(stack.order_addr).await?;
+    for n in 0..5 {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await?;
+        let path: http::uri::PathAndQuery =
+            format!("/shop.order.v1.OrderService/Probe{n}").parse()?;
+        let answer: Result<tonic::Response<()>, tonic::Status> = grpc
+            .unary(
+                tonic::Request::new(()),
+                path,
+                tonic_prost::ProstCodec::<(), ()>::default(),
+            )
+            .await;
+        assert_eq!(
+            answer.expect_err("no such method").code(),
+            Code::Unimplemented
+        );
+    }
+    let (status, metrics) = testkit::http_get(stack.order_admin, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(!metrics.contains("Probe"), "made-up paths became labels");
+    assert!(
+        metrics.contains(
+            "shop_grpc_server_requests_total{method=\"unknown\",code=\"Unimplemented\"} 5"
+        ),
+        "{metrics}"
+    );
+    Ok(())
+}

@@ -127,6 +127,60 @@ pub async fn serve(
         .map_err(|e| StartError::Other(format!("gRPC server: {e}")))
 }
 
+/// Every gRPC method the services define (`/package.Service/Method`), from
+/// the embedded descriptors, plus health and reflection.
+fn known_methods() -> &'static std::collections::HashSet<String> {
+    static KNOWN: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        let mut known = std::collections::HashSet::new();
+        for encoded in [
+            contracts::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            if let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(encoded) {
+                for file in set.file {
+                    for service in &file.service {
+                        for method in &service.method {
+                            known.insert(format!(
+                                "/{}.{}/{}",
+                                file.package(),
+                                service.name(),
+                                method.name()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        known.insert("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned());
+        known
+    })
+}
+
+/// The `method` label of a request path: the path itself for a method the
+/// services define, `unknown` for anything else, so made-up paths cannot
+/// grow the metrics without bound.
+#[must_use]
+pub fn method_label(path: &str) -> &str {
+    if known_methods().contains(path) {
+        path
+    } else {
+        "unknown"
+    }
+}
+
+/// An id from a request, fit for a log line: the UUID itself when it parses
+/// as one, otherwise only its length. Raw input never reaches the logs, so a
+/// newline or ESC in an id cannot forge a line, and a 1 MB id cannot flood.
+#[must_use]
+pub fn loggable_id(raw: &str) -> String {
+    match uuid::Uuid::parse_str(raw.trim()) {
+        Ok(id) => id.to_string(),
+        Err(_) => format!("<invalid, {} bytes>", raw.len()),
+    }
+}
+
 /// Request metadata key carrying the caller's correlation id, if any.
 pub const CORRELATION_ID: &str = "x-correlation-id";
 
@@ -286,7 +340,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_owned();
+        let method = method_label(request.uri().path()).to_owned();
         if let Some(value) = request
             .headers()
             .get("grpc-timeout")
@@ -336,6 +390,35 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn only_defined_methods_are_metric_labels() {
+        assert_eq!(
+            method_label("/shop.order.v1.OrderService/CreateOrder"),
+            "/shop.order.v1.OrderService/CreateOrder"
+        );
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        for made_up in ["/shop.order.v1.OrderService/Probe1", "/x/y", "", "/a\nb"] {
+            assert_eq!(method_label(made_up), "unknown", "{made_up:?}");
+        }
+    }
+
+    #[test]
+    fn only_parsed_ids_reach_the_logs() {
+        let id = uuid::Uuid::new_v4();
+        assert_eq!(loggable_id(&id.to_string()), id.to_string());
+        assert_eq!(
+            loggable_id("x\n2026-12-02T00:00:00Z ERROR forged"),
+            "<invalid, 35 bytes>"
+        );
+        assert_eq!(
+            loggable_id(&"a".repeat(1 << 20)),
+            "<invalid, 1048576 bytes>"
+        );
+    }
 
     #[test]
     fn grpc_timeouts_parse_as_the_spec_defines_them() {

@@ -342,7 +342,7 @@ impl OrderService for OrderApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(order_id = %platform::grpc::loggable_id(&request.get_ref().order_id)), err(level = "info"))]
     async fn pay_order(
         &self,
         request: Request<pb::PayOrderRequest>,
@@ -374,7 +374,7 @@ impl OrderService for OrderApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(order_id = %platform::grpc::loggable_id(&request.get_ref().order_id)), err(level = "info"))]
     async fn ship_order(
         &self,
         request: Request<pb::ShipOrderRequest>,
@@ -402,7 +402,7 @@ impl OrderService for OrderApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(order_id = %platform::grpc::loggable_id(&request.get_ref().order_id)), err(level = "info"))]
     async fn deliver_order(
         &self,
         request: Request<pb::DeliverOrderRequest>,
@@ -422,7 +422,7 @@ impl OrderService for OrderApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(order_id = %platform::grpc::loggable_id(&request.get_ref().order_id)), err(level = "info"))]
     async fn cancel_order(
         &self,
         request: Request<pb::CancelOrderRequest>,
@@ -445,7 +445,7 @@ impl OrderService for OrderApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(order_id = %platform::grpc::loggable_id(&request.get_ref().order_id)), err(level = "info"))]
     async fn get_order(
         &self,
         request: Request<pb::GetOrderRequest>,
@@ -524,7 +524,7 @@ impl OrderService for OrderApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(order_id = %platform::grpc::loggable_id(&request.get_ref().order_id)), err(level = "info"))]
     async fn get_order_history(
         &self,
         request: Request<pb::GetOrderHistoryRequest>,
@@ -545,7 +545,7 @@ impl OrderService for OrderApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id), err(level = "info"))]
+    #[tracing::instrument(skip_all, fields(order_id = %platform::grpc::loggable_id(&request.get_ref().order_id)), err(level = "info"))]
     async fn get_order_at(
         &self,
         request: Request<pb::GetOrderAtRequest>,
