@@ -61,21 +61,36 @@ pub(crate) fn where_postgres(url: &str) -> String {
     rest.split('?').next().unwrap_or(rest).to_owned()
 }
 
-/// A pool that has proved it can connect, or an error naming the server.
+/// A pool that has proved it can connect, or an error naming the server and
+/// the real cause (one direct connection first: the pool would retry a
+/// refused connection until its timeout and report only that).
 pub(crate) async fn connect_postgres(url: &str) -> anyhow::Result<sqlx::PgPool> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
+    let named = |error: &sqlx::Error| {
+        anyhow::anyhow!(
+            "cannot connect to Postgres at {}: {}",
+            where_postgres(url),
+            sqlx_cause(error)
+        )
+    };
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        <sqlx::PgConnection as sqlx::Connection>::connect(url),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "cannot connect to Postgres at {}: no answer within 5 s",
+            where_postgres(url)
+        )
+    })?
+    .map_err(|error| named(&error))?;
+    let _ = sqlx::Connection::close(probe).await;
+    sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(std::time::Duration::from_secs(5))
         .connect(url)
         .await
-        .map_err(|error| {
-            anyhow::anyhow!(
-                "cannot connect to Postgres at {}: {}",
-                where_postgres(url),
-                sqlx_cause(&error)
-            )
-        })?;
-    Ok(pool)
+        .map_err(|error| named(&error))
 }
 
 /// The part of a sqlx error a person can act on (no driver internals).
@@ -92,8 +107,6 @@ pub(crate) fn sqlx_cause(error: &sqlx::Error) -> String {
 pub(crate) async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
         .connection_timeout(std::time::Duration::from_secs(5))
-        .retry_on_initial_connect()
-        .max_reconnects(Some(1))
         .connect(url)
         .await
         .map_err(|error| anyhow::anyhow!("cannot connect to NATS at {url}: {error}"))

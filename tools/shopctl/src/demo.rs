@@ -278,9 +278,7 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         .map(|e| format!("v{} {}", e.version, e.event_type))
         .collect();
     out!("7. Audit trail: {}", trail.join(", "));
-    out!(
-        "   More: shopctl orders history {0} | shopctl orders at {0} --version 1",
-        order.id
-    );
+    out!("   More: shopctl orders history {}", order.id);
+    out!("         shopctl orders at {} --version 1", order.id);
     Ok(())
 }

@@ -242,7 +242,9 @@ fn postgres_bin_dir() -> Option<PathBuf> {
 /// that started it dies, whatever the reason (SIGKILL included). As root,
 /// `as_postgres` runs it as the `postgres` OS user (Postgres refuses root);
 /// `setpriv` changes the user before setting the signal and then `exec`s, so
-/// the child's pid is the server's own.
+/// the child's pid is the server's own. The signal is tied to the *thread*
+/// that spawns: `shopctl up` spawns from the main thread (inside
+/// `Runtime::block_on`), which lives as long as the process.
 pub(crate) fn supervised(binary: &Path, death_signal: &str, as_postgres: bool) -> Command {
     let as_postgres = as_postgres && is_root();
     let setpriv = find_binary("setpriv", "SETPRIV_BIN", &[PathBuf::from("/usr/bin")]);
@@ -264,11 +266,21 @@ pub(crate) fn supervised(binary: &Path, death_signal: &str, as_postgres: bool) -
             command
         }
         None if as_postgres => {
+            tracing::warn!(
+                "util-linux setpriv not found: children will not stop if shopctl is killed \
+                 (the next `up` stops them)"
+            );
             let mut command = Command::new("runuser");
             command.args(["-u", "postgres", "--"]).arg(binary);
             command
         }
-        None => Command::new(binary),
+        None => {
+            tracing::warn!(
+                "util-linux setpriv not found: children will not stop if shopctl is killed \
+                 (the next `up` stops them)"
+            );
+            Command::new(binary)
+        }
     };
     // The postgres user may not be able to enter the caller's directory.
     command.current_dir("/");
@@ -304,17 +316,23 @@ fn postgres_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     if let Ok(target) = fs::read_link(&link) {
         return Ok(target);
     }
-    if !is_root() || link.exists() || postgres_can_reach(dir) {
+    if !is_root() || postgres_can_reach(dir) {
         return Ok(link);
     }
-    let name: String = dir
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let home = Path::new("/var/lib/shopctl");
-    fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
-    let target = home.join(name.trim_start_matches('_'));
+    if link.join("PG_VERSION").is_file() {
+        bail!(
+            "the postgres user cannot enter {} where a cluster already lives ({}); \
+             give it access (e.g. chmod o+x on each parent) or move the data dir",
+            dir.display(),
+            link.display()
+        );
+    }
+    // An empty directory an earlier, failed `up` made: replace it by the link.
+    if link.is_dir() {
+        fs::remove_dir(&link).with_context(|| format!("removing {}", link.display()))?;
+    }
+    let target = Path::new(FALLBACK_ROOT).join(fallback_name(dir));
+    fs::create_dir_all(FALLBACK_ROOT).with_context(|| format!("creating {FALLBACK_ROOT}"))?;
     fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
     std::os::unix::fs::symlink(&target, &link)
         .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
@@ -327,6 +345,32 @@ fn postgres_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(target)
 }
 
+/// Where clusters of data dirs the `postgres` user cannot reach live.
+pub(crate) const FALLBACK_ROOT: &str = "/var/lib/shopctl";
+
+/// A readable, unique directory name for `dir`: the tail of its path plus a
+/// hash of all of it (`/a/b_c` and `/a_b/c` must not share a cluster).
+fn fallback_name(dir: &Path) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut hasher);
+    let readable: String = dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let tail: String = readable
+        .trim_matches('_')
+        .chars()
+        .rev()
+        .take(80)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("{tail}-{:016x}", hasher.finish())
+}
+
 /// Starts a private Postgres on a free port (initdb on first use) and
 /// returns its admin URL.
 pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, String)> {
@@ -334,7 +378,7 @@ pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, Strin
         anyhow::anyhow!(
             "PostgreSQL server binaries (initdb, postgres) are not installed. Install them with:\n    \
              sudo apt-get install -y postgresql\n\
-             or set PG_BIN to their directory, or pass --database-url to use a running server."
+             or set PG_BIN to their directory, or pass --postgres-url to use a running server."
         )
     })?;
     let data = postgres_data_dir(dir)?;
@@ -430,12 +474,19 @@ pub(crate) async fn ensure_databases(
     admin_url: &str,
     names: &[&str],
 ) -> anyhow::Result<Vec<String>> {
-    let mut conn = PgConnection::connect(admin_url)
-        .await
-        .with_context(|| format!("connecting to {admin_url}"))?;
-    let (base, _) = admin_url
-        .rsplit_once('/')
-        .ok_or_else(|| anyhow::anyhow!("database URL must end in /<database>: {admin_url}"))?;
+    let mut conn = PgConnection::connect(admin_url).await.map_err(|error| {
+        anyhow::anyhow!(
+            "cannot connect to Postgres at {}: {}",
+            crate::admin::where_postgres(admin_url),
+            crate::admin::sqlx_cause(&error)
+        )
+    })?;
+    let (base, _) = admin_url.rsplit_once('/').ok_or_else(|| {
+        anyhow::anyhow!(
+            "the Postgres URL must end in /<database>: {}",
+            crate::admin::where_postgres(admin_url)
+        )
+    })?;
     let mut urls = Vec::with_capacity(names.len());
     for name in names {
         let exists: bool =

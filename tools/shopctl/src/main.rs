@@ -257,12 +257,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Status { stack_file, json } => status::show(&stack_file, json).await,
         Command::Load(options) => load::run(options).await,
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "shopctl",
-                &mut std::io::stdout(),
-            );
+            // Into a buffer first: clap_complete panics when its writer fails
+            // (`| head`); `out!` does not.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "shopctl", &mut script);
+            out!("{}", String::from_utf8_lossy(&script).trim_end());
             Ok(())
         }
         Command::Serve { service } => serve(service).await,

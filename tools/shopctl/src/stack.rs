@@ -139,6 +139,17 @@ pub(crate) async fn up(
     // Nothing in the data dir is touched before this lock is ours.
     let _lock = lock_data_dir(&data_dir)?;
     stop_stale_children(&data_dir).await;
+    // Left by a supervisor that was killed: they describe nothing running.
+    let _ = fs::remove_file(data_dir.join("stack.json"));
+    let _ = fs::remove_file(data_dir.join(PROMETHEUS_TARGETS));
+    // A second Ctrl-C (or SIGTERM/SIGHUP) cuts the graceful stop short; the
+    // children then get their parent-death signal.
+    tokio::spawn(async {
+        platform::shutdown::wait_for_signal().await;
+        platform::shutdown::wait_for_signal().await;
+        eout!("shopctl: stopping at once");
+        std::process::exit(130);
+    });
     let mut infrastructure = Vec::new();
     let mut services = Vec::new();
     let result = run(

@@ -171,7 +171,36 @@ pub(crate) async fn show(stack_file: &Path, as_json: bool) -> anyhow::Result<()>
     } else {
         print_report(&report);
     }
-    Ok(())
+    let mut problems: Vec<String> = report["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["running"] != true)
+        .map(|p| format!("{} is not running", p["name"].as_str().unwrap_or_default()))
+        .collect();
+    problems.extend(
+        report["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["health"]["ready"] != true)
+            .map(|s| {
+                format!(
+                    "{}: {}",
+                    s["name"].as_str().unwrap_or_default(),
+                    s["health"]["detail"].as_str().unwrap_or_default()
+                )
+            }),
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        // Scripts get a non-zero exit; the report above says the rest.
+        Err(anyhow::anyhow!(
+            "the stack is not healthy: {}",
+            problems.join("; ")
+        ))
+    }
 }
 
 fn print_report(report: &Value) {

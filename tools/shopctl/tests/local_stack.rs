@@ -291,6 +291,7 @@ fn up_then_demo_then_sigterm_stops_everything() -> Result<(), Box<dyn std::error
         !data.join("postgres/postmaster.pid").exists(),
         "postgres shut down cleanly (its pid file is gone)"
     );
+    remove_fallback_cluster(&data);
     Ok(())
 }
 
@@ -355,17 +356,15 @@ impl Up {
             .collect())
     }
 
-    fn status_json(&self) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    /// `status --json`, and whether it exited 0 (the stack is healthy).
+    fn status_json(&self) -> Result<(serde_json::Value, bool), Box<dyn std::error::Error>> {
         let output = shopctl()
             .args(["status", "--json", "--stack-file"])
             .arg(self.stack_file())
             .output()?;
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(serde_json::from_slice(&output.stdout)?)
+        let report = serde_json::from_slice(&output.stdout)
+            .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&output.stderr)))?;
+        Ok((report, output.status.success()))
     }
 
     fn signal(&self, signal: &str) {
@@ -382,6 +381,15 @@ impl Drop for Up {
         }
         self.signal("TERM");
         let _ = self.child.wait();
+        remove_fallback_cluster(&self.data);
+    }
+}
+
+/// As root from a 0700 directory the cluster lives under /var/lib/shopctl
+/// (`<data>/postgres` links there): remove it with the test's directory.
+fn remove_fallback_cluster(data: &std::path::Path) {
+    if let Ok(target) = std::fs::read_link(data.join("postgres")) {
+        let _ = std::fs::remove_dir_all(target);
     }
 }
 
@@ -449,7 +457,8 @@ fn a_second_up_refuses_and_sigkill_of_up_leaves_nothing_running()
         std::fs::metadata(up.data.join("postgres.log"))?.len() >= log_before,
         "postgres.log is not truncated"
     );
-    let status = up.status_json()?;
+    let (status, healthy) = up.status_json()?;
+    assert!(healthy, "{status}");
     for service in status["services"].as_array().expect("services") {
         assert_eq!(service["health"]["ready"], true, "{status}");
     }
@@ -468,7 +477,8 @@ fn a_second_up_refuses_and_sigkill_of_up_leaves_nothing_running()
     up.child = child;
     let _ = std::fs::remove_file(up.stack_file());
     up.wait_until_up()?;
-    let status = up.status_json()?;
+    let (status, healthy) = up.status_json()?;
+    assert!(healthy, "{status}");
     assert_eq!(status["services"][1]["health"]["ready"], true, "{status}");
     Ok(())
 }
@@ -568,11 +578,15 @@ fn status_shows_a_backlog_and_an_open_breaker_and_sighup_stops_everything()
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status = up.status_json()?;
+        let (status, healthy) = up.status_json()?;
         let order_service = &status["services"][1];
         if order_service["breakers"]["user-service"] == "open"
             && order_service["relay_lag_events"]["order-events"].as_f64() >= Some(1.0)
         {
+            assert!(
+                !healthy,
+                "an open breaker makes order-service unready: exit non-zero"
+            );
             break;
         }
         assert!(
