@@ -108,3 +108,51 @@ async fn made_up_methods_add_no_metric_series() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Finding 3: RegisterWebhook accepted the cloud metadata endpoint, private
+/// networks, every IPv4 spelling of them and the services' own admin ports,
+/// followed redirects, and ListNotifications told whether delivery worked (a
+/// port scanner). Now only public addresses (and explicitly allowed
+/// networks: the test stack allows loopback, nothing else) are accepted.
+#[tokio::test]
+async fn webhooks_to_private_addresses_are_refused() -> anyhow::Result<()> {
+    use contracts::notification::v1::RegisterWebhookRequest;
+    let stack = TestStack::start().await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let mut notifications = stack.notifications().await?;
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/",
+        "http://192.168.1.1/",
+        "http://172.16.0.1/",
+        "http://[fd00::1]/",
+        "http://[fe80::1]/",
+        "http://0.0.0.0/",
+        "http://2852039166/",
+        "http://0xa9fea9fe/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "http://localhost:9092/metrics",
+    ] {
+        let refused = notifications
+            .register_webhook(bearer(
+                &token,
+                RegisterWebhookRequest {
+                    url: url.to_owned(),
+                },
+            ))
+            .await;
+        crate::support::assert_rejected(refused, Code::InvalidArgument, Some("url"));
+    }
+    // An allowed loopback receiver still works (the test stack allows it).
+    let allowed = notifications
+        .register_webhook(bearer(
+            &token,
+            RegisterWebhookRequest {
+                url: "http://127.0.0.1:9/hook".to_owned(),
+            },
+        ))
+        .await;
+    assert!(allowed.is_ok(), "{allowed:?}");
+    Ok(())
+}

@@ -360,6 +360,7 @@ async fn notifications_of_one_order_keep_event_order_across_replicas_and_redeliv
         user_service: platform::client::ClientSettings::new(format!("http://{}", stack.user_addr)),
         retry_base_ms: 50,
         retry_max_ms: 400,
+        webhook_allowed_networks: "127.0.0.0/8".to_owned(),
         ..Default::default()
     })
     .await?;

@@ -127,6 +127,8 @@ impl TestStack {
             user_service,
             nats_url: nats.url(),
             startup_wait_secs: 10,
+            // The tests' webhook receivers listen on loopback.
+            webhook_allowed_networks: "127.0.0.0/8,::1".to_owned(),
             ..Default::default()
         };
         configure_notifications(&mut notification_settings);

@@ -355,6 +355,8 @@ async fn run(
     order_env.push(("APP_USER_SERVICE__URL", url(ports[0])));
     let mut notification_env = common(notifications_db, ports[2], ports[5]);
     notification_env.push(("APP_USER_SERVICE__URL", url(ports[0])));
+    // A local stack posts to local receivers; deployments allow public only.
+    notification_env.push(("APP_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1".to_owned()));
     for (name, env) in [
         ("user-service", &user_env),
         ("order-service", &order_env),

@@ -347,6 +347,7 @@ async fn a_notification_service_killed_between_delivery_and_ack_delivers_once() 
             ),
             ("APP_CONSUMER_PREFIX", "crashy".to_owned()),
             ("APP_CHANNELS", "webhook".to_owned()),
+            ("APP_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1".to_owned()),
             ("APP_ACK_WAIT_SECS", "2".to_owned()),
             ("APP_FAULTS__PAUSE_BEFORE_ACK_MS", pause_ms.to_owned()),
         ]

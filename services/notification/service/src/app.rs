@@ -37,6 +37,7 @@ pub struct Application {
     /// Clones of the consumers, for sampling their backlog.
     sampled_consumers: Vec<PullConsumer>,
     deliverer: Deliverer,
+    egress: crate::egress::Egress,
     database_url: String,
     metrics: Metrics,
     readiness: Readiness,
@@ -91,6 +92,8 @@ impl Application {
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
         let store = NotificationStore::new(pool.clone());
+        let egress = crate::egress::Egress::new(&settings.webhook_allowed_networks)
+            .map_err(|e| StartError::Other(format!("APP_WEBHOOK_ALLOWED_NETWORKS: {e}")))?;
         let deliverer = Deliverer {
             store: store.clone(),
             js: js.clone(),
@@ -102,8 +105,11 @@ impl Application {
             },
             webhooks: if settings.channel_enabled("webhook") {
                 Some(
-                    WebhookSender::new(Duration::from_millis(settings.webhook_timeout_ms))
-                        .map_err(|e| StartError::Other(e.to_string()))?,
+                    WebhookSender::new(
+                        Duration::from_millis(settings.webhook_timeout_ms),
+                        egress.clone(),
+                    )
+                    .map_err(|e| StartError::Other(e.to_string()))?,
                 )
             } else {
                 None
@@ -134,6 +140,7 @@ impl Application {
             sampled_consumers: consumers.clone(),
             consumers,
             deliverer,
+            egress,
             database_url: settings.database_url,
             metrics,
             readiness,
@@ -178,7 +185,7 @@ impl Application {
         )));
         platform::grpc::Service {
             routes: tonic::service::Routes::new(NotificationServiceServer::new(
-                NotificationApi::new(self.store, self.auth, hub, shutdown.clone()),
+                NotificationApi::new(self.store, self.auth, hub, self.egress, shutdown.clone()),
             )),
             name: NotificationServiceServer::<NotificationApi>::NAME,
             listener: self.listener,

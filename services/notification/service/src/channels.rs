@@ -136,24 +136,31 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
 #[derive(Debug, Clone)]
 pub struct WebhookSender {
     client: reqwest::Client,
+    egress: std::sync::Arc<crate::egress::Egress>,
 }
 
 impl WebhookSender {
     /// # Errors
     ///
     /// When the HTTP client cannot be built (no TLS provider).
-    pub fn new(timeout: Duration) -> Result<Self, DeliveryError> {
+    pub fn new(timeout: Duration, egress: crate::egress::Egress) -> Result<Self, DeliveryError> {
         // reqwest is built without a default crypto provider: install ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let egress = std::sync::Arc::new(egress);
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .user_agent("shop-notifications/1")
+            // A redirect could point anywhere, past the address checks.
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(std::sync::Arc::new(crate::egress::Resolver(
+                std::sync::Arc::clone(&egress),
+            )))
             .build()
             .map_err(|e| DeliveryError::Webhook {
                 url: String::new(),
                 reason: e.to_string(),
             })?;
-        Ok(Self { client })
+        Ok(Self { client, egress })
     }
 
     /// Sends one notification; any 2xx is success.
@@ -182,9 +189,11 @@ impl WebhookSender {
             url: url.to_owned(),
             reason,
         };
+        let parsed = reqwest::Url::parse(url).map_err(|e| failed(e.to_string()))?;
+        self.egress.check_send(&parsed).map_err(failed)?;
         let response = self
             .client
-            .post(url)
+            .post(parsed)
             .header("content-type", "application/json")
             .header(webhook_headers::ID, message.event_id.to_string())
             .header(webhook_headers::TIMESTAMP, timestamp.to_string())

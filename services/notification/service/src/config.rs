@@ -25,6 +25,10 @@ pub struct Settings {
     pub smtp: SmtpSettings,
     /// Deadline of one webhook POST.
     pub webhook_timeout_ms: u64,
+    /// `APP_WEBHOOK_ALLOWED_NETWORKS`: addresses or CIDR blocks webhooks may
+    /// reach although not public (`127.0.0.0/8,::1` for local receivers);
+    /// empty by default: public addresses only.
+    pub webhook_allowed_networks: String,
     /// Prefix of the durable consumer names (one per subscribed stream).
     pub consumer_prefix: String,
     /// Seconds the server waits for an ack before redelivering.
@@ -87,6 +91,7 @@ impl Default for Settings {
                 timeout_ms: 10_000,
             },
             webhook_timeout_ms: 5000,
+            webhook_allowed_networks: String::new(),
             consumer_prefix: "notification-service".to_owned(),
             ack_wait_secs: 30,
             max_deliver: 8,

@@ -19,6 +19,8 @@ pub struct NotificationApi {
     store: NotificationStore,
     auth: Authenticator,
     hub: Hub,
+    /// Where webhooks may point (checked at registration).
+    egress: crate::egress::Egress,
     /// Ends open watch streams, so a graceful shutdown does not wait on them.
     shutdown: tokio_util::sync::CancellationToken,
 }
@@ -29,12 +31,14 @@ impl NotificationApi {
         store: NotificationStore,
         auth: Authenticator,
         hub: Hub,
+        egress: crate::egress::Egress,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
             store,
             auth,
             hub,
+            egress,
             shutdown,
         }
     }
@@ -153,6 +157,7 @@ impl NotificationService for NotificationApi {
     ) -> Result<Response<pb::RegisterWebhookResponse>, Status> {
         let caller = self.auth.authenticate(request.metadata()).await?;
         let url = parse_webhook_url(&request.get_ref().url)
+            .and_then(|url| self.egress.check_url(&url).map(|()| url))
             .map_err(|e| status::invalid_argument("url", e))?;
         let secret = new_secret();
         let hook = self

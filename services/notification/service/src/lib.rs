@@ -11,6 +11,7 @@ pub mod app;
 pub mod channels;
 pub mod config;
 pub mod consumer;
+pub mod egress;
 pub mod grpc;
 pub mod store;
 pub mod watch;
