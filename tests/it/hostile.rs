@@ -156,3 +156,51 @@ async fn webhooks_to_private_addresses_are_refused() -> anyhow::Result<()> {
     assert!(allowed.is_ok(), "{allowed:?}");
     Ok(())
 }
+
+/// Finding 7 (part): NUL bytes and huge values reached Postgres and came
+/// back as INTERNAL (or UNAVAILABLE "retry later", inviting endless
+/// retries). Now they are INVALID_ARGUMENT naming the field.
+#[tokio::test]
+async fn nul_bytes_and_huge_values_are_invalid_arguments_naming_the_field() -> anyhow::Result<()> {
+    use contracts::{order::v1::PayOrderRequest, user::v1::AuthenticateRequest};
+    let stack = TestStack::start().await?;
+    let mut users = stack.users().await?;
+    for email in [
+        "a\u{0}b@example.com".to_owned(),
+        format!("{}@example.com", "a".repeat(1 << 20)),
+    ] {
+        let refused = users
+            .authenticate(AuthenticateRequest {
+                email,
+                password: "whatever password".to_owned(),
+            })
+            .await;
+        crate::support::assert_rejected(refused, Code::InvalidArgument, Some("email"));
+    }
+    let (_, token) = stack.signed_up_user().await?;
+    let mut orders = stack.orders().await?;
+    let mut request = order(vec![item("SKU-1", 1, 100)]);
+    request.idempotency_key = "key\u{0}nul".to_owned();
+    let refused = orders.create_order(bearer(&token, request)).await;
+    crate::support::assert_rejected(refused, Code::InvalidArgument, Some("idempotency_key"));
+    let created = orders
+        .create_order(bearer(&token, order(vec![item("SKU-1", 1, 100)])))
+        .await?
+        .into_inner()
+        .order
+        .expect("an order");
+    let refused = orders
+        .pay_order(bearer(
+            &token,
+            PayOrderRequest {
+                order_id: created.id,
+                payment_reference: "ref-1".to_owned(),
+                amount_minor: 100,
+                idempotency_key: "key\u{0}nul".to_owned(),
+                expected_version: 1,
+            },
+        ))
+        .await;
+    crate::support::assert_rejected(refused, Code::InvalidArgument, Some("idempotency_key"));
+    Ok(())
+}

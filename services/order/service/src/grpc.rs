@@ -111,6 +111,9 @@ fn check_key(violations: &mut FieldViolations, key: &str) {
             "idempotency_key",
             format!("must be at most {MAX_KEY_LEN} characters"),
         );
+    } else if key.chars().any(char::is_control) {
+        // NUL cannot be stored at all; other control characters are noise.
+        violations.add("idempotency_key", "must not contain control characters");
     }
 }
 

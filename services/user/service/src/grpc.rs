@@ -56,6 +56,10 @@ impl UserApi {
 }
 
 const BAD_CREDENTIALS: &str = "email or password is incorrect";
+/// RFC 5321's limit on a forward path; longer input is not an address.
+const MAX_EMAIL_LEN: usize = 320;
+/// Longer than any password manager produces; bounds the hashing input.
+const MAX_PASSWORD_LEN: usize = 1024;
 
 fn to_proto(user: &UserRecord) -> pb::User {
     pb::User {
@@ -118,9 +122,18 @@ impl UserService for UserApi {
         let mut violations = FieldViolations::new();
         if request.email.trim().is_empty() {
             violations.add("email", "is required");
+        } else if request.email.len() > MAX_EMAIL_LEN {
+            violations.add("email", format!("must be at most {MAX_EMAIL_LEN} bytes"));
+        } else if request.email.chars().any(char::is_control) {
+            violations.add("email", "must not contain control characters");
         }
         if request.password.is_empty() {
             violations.add("password", "is required");
+        } else if request.password.len() > MAX_PASSWORD_LEN {
+            violations.add(
+                "password",
+                format!("must be at most {MAX_PASSWORD_LEN} bytes"),
+            );
         }
         violations.into_result()?;
         // Throttled per email as typed (normalized), known or not: the answer
