@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod nats;
 pub mod paging;
+pub mod ports;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;

@@ -47,10 +47,7 @@ pub fn init_logging() {
 #[must_use]
 pub fn free_port() -> u16 {
     #[allow(clippy::unwrap_used)]
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
+    platform::ports::free_port().unwrap()
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout`.
