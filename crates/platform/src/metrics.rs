@@ -58,6 +58,7 @@ struct PoolState {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
+    build_info: Family<BuildInfo, Gauge>,
     breaker_state: Family<Downstream, Gauge>,
     grpc_requests: Family<MethodCode, Counter>,
     grpc_duration: Family<Method, Histogram>,
@@ -89,6 +90,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("shop");
         let metrics = Self {
+            build_info: Family::default(),
             breaker_state: Family::default(),
             grpc_requests: Family::default(),
             grpc_duration: Family::new_with_constructor(latency_histogram),
@@ -103,6 +105,11 @@ impl Metrics {
             db_pool: Family::default(),
             registry: Arc::new(Mutex::new(Registry::default())),
         };
+        registry.register(
+            "build_info",
+            "1, labelled with the service and its version",
+            metrics.build_info.clone(),
+        );
         registry.register(
             "circuit_breaker_state",
             "Circuit breaker state per downstream: 0 closed, 1 open, 2 half-open",
@@ -287,8 +294,118 @@ impl Metrics {
         if let Ok(registry) = self.registry.lock() {
             let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         }
+        // The standard process metrics, read from /proc at each scrape,
+        // before the OpenMetrics terminator.
+        let process = process_metrics();
+        match out.rfind("# EOF") {
+            Some(at) => out.insert_str(at, &process),
+            None => out.push_str(&process),
+        }
         out
     }
+
+    /// Sets `shop_build_info{service, version} 1`.
+    pub fn set_build_info(&self, service: &str, version: &str) {
+        self.build_info
+            .get_or_create(&BuildInfo {
+                service: service.to_owned(),
+                version: version.to_owned(),
+            })
+            .set(1);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct BuildInfo {
+    service: String,
+    version: String,
+}
+
+/// `process_*` as the Prometheus client libraries define them (Linux only;
+/// nothing elsewhere). Clock ticks are USER_HZ, 100 on every Linux ABI.
+fn process_metrics() -> String {
+    use std::fmt::Write as _;
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let mut out = String::new();
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return out;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("btime"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|v| v.parse::<f64>().ok());
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+    let mut metric = |name: &str, kind: &str, help: &str, sample: &str, value: Option<f64>| {
+        if let Some(value) = value {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}.\n# TYPE {name} {kind}\n{sample} {value}"
+            );
+        }
+    };
+    metric(
+        "process_cpu_seconds",
+        "counter",
+        "Total user and system CPU time spent in seconds",
+        "process_cpu_seconds_total",
+        field(11)
+            .zip(field(12))
+            .map(|(user, system)| (user + system) / TICKS_PER_SECOND),
+    );
+    metric(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes",
+        "process_resident_memory_bytes",
+        kib("VmRSS:").map(|k| k * 1024.0),
+    );
+    metric(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes",
+        "process_virtual_memory_bytes",
+        field(20),
+    );
+    metric(
+        "process_threads",
+        "gauge",
+        "Number of OS threads in the process",
+        "process_threads",
+        field(17),
+    );
+    metric(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors",
+        "process_open_fds",
+        Some(open_fds as f64),
+    );
+    metric(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since the Unix epoch in seconds",
+        "process_start_time_seconds",
+        boot.zip(field(19))
+            .map(|(boot, ticks)| boot + ticks / TICKS_PER_SECOND),
+    );
+    out
 }
 
 /// Samples the pool into `metrics` every few seconds until `shutdown`.
@@ -303,5 +420,33 @@ pub async fn sample_pool(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrapes_carry_build_info_and_the_standard_process_metrics() {
+        let metrics = Metrics::new();
+        metrics.set_build_info("order-service", "1.2.3");
+        let text = metrics.encode();
+        assert!(
+            text.contains("shop_build_info{service=\"order-service\",version=\"1.2.3\"} 1"),
+            "{text}"
+        );
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+        assert!(
+            text.trim_end().ends_with("# EOF"),
+            "the terminator stays last"
+        );
     }
 }

@@ -77,6 +77,7 @@ impl Application {
             consumer_spec(&settings, messaging::ORDERS_STREAM, "orders", "order.>"),
         ];
         let metrics = Metrics::new();
+        metrics.set_build_info("notification-service", env!("CARGO_PKG_VERSION"));
         for spec in &specs {
             metrics.init_consumer(&spec.durable_name);
         }

@@ -55,6 +55,7 @@ impl Application {
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
         let metrics = Metrics::new();
+        metrics.set_build_info("user-service", env!("CARGO_PKG_VERSION"));
         let relay = Relay::new(
             settings.database_url.clone(),
             js,
