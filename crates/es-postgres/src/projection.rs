@@ -345,7 +345,7 @@ impl<P: Projection> Subscriber for Generation<P> {
         self.checked = Some(Instant::now());
         let name = self.projection.name();
         // A plain read first: no transaction, no lock, on the common path.
-        let (live, building, live_cursor) = registry(&mut *conn, name).await?;
+        let (live, building, live_cursor) = registry(&mut *conn, name, false).await?;
         if live == self.generation {
             return Ok(true);
         }
@@ -357,7 +357,7 @@ impl<P: Projection> Subscriber for Generation<P> {
         }
         // Caught up: switch over under the registry row's lock, re-checked.
         let mut tx = conn.begin().await?;
-        let (live, building, live_cursor) = registry_locked(&mut tx, name).await?;
+        let (live, building, live_cursor) = registry(&mut tx, name, true).await?;
         if building != Some(self.generation) {
             return Ok(live == self.generation);
         }
@@ -411,15 +411,17 @@ fn registry_row(row: &sqlx::postgres::PgRow) -> Result<Registry, sqlx::Error> {
 }
 
 /// The registry of `name`: live generation, building generation, and where
-/// the live one has got to.
-async fn registry(conn: &mut PgConnection, name: &str) -> Result<Registry, sqlx::Error> {
-    let row = sqlx::query(REGISTRY_SQL).bind(name).fetch_one(conn).await?;
-    registry_row(&row)
-}
-
-/// As [`registry`], locking the registry row for a switch-over.
-async fn registry_locked(conn: &mut PgConnection, name: &str) -> Result<Registry, sqlx::Error> {
-    let sql = format!("{REGISTRY_SQL} FOR UPDATE OF p");
+/// the live one has got to; `lock` takes the registry row for a switch-over.
+async fn registry(
+    conn: &mut PgConnection,
+    name: &str,
+    lock: bool,
+) -> Result<Registry, sqlx::Error> {
+    let sql = if lock {
+        format!("{REGISTRY_SQL} FOR UPDATE OF p")
+    } else {
+        REGISTRY_SQL.to_owned()
+    };
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(name)
         .fetch_one(conn)

@@ -366,29 +366,31 @@ pub(crate) async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         return print_json(&serde_json::Value::Array(all));
     }
     for p in &all {
-        let name = p["name"].as_str().unwrap_or_default();
-        if p["live"].is_null() {
-            out!("{name:<16} not started yet");
-            continue;
-        }
         out!(
-            "{name:<16} live generation {} at position {} ({} events behind){}",
-            p["live"]["generation"],
-            p["live"]["position"],
-            p["live"]["lag_events"],
-            if p["building"].is_null() {
-                String::new()
-            } else {
-                format!(
-                    ", building {} at position {} ({} events behind)",
-                    p["building"]["generation"],
-                    p["building"]["position"],
-                    p["building"]["lag_events"]
-                )
-            }
+            "{:<16} {}",
+            p["name"].as_str().unwrap_or_default(),
+            describe_projection(p)
         );
     }
     Ok(())
+}
+
+/// One projection's progress in words, from [`projections_json`].
+pub(crate) fn describe_projection(p: &serde_json::Value) -> String {
+    if p["live"].is_null() {
+        return "not started yet".to_owned();
+    }
+    let generation = |g: &serde_json::Value| {
+        format!(
+            "generation {} at position {} ({} events behind)",
+            g["generation"], g["position"], g["lag_events"]
+        )
+    };
+    let mut text = format!("live {}", generation(&p["live"]));
+    if !p["building"].is_null() {
+        text.push_str(&format!(", building {}", generation(&p["building"])));
+    }
+    text
 }
 
 /// Every projection's live and building generation, as JSON.

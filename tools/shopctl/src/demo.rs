@@ -69,6 +69,35 @@ fn money(minor: i64, currency: &str) -> String {
     format!("{}.{:02} {currency}", minor / 100, (minor % 100).abs())
 }
 
+/// The demo's order (also what `shopctl load` places): a book and two mugs,
+/// 64.99 EUR, to London.
+pub(crate) fn sample_order(idempotency_key: String) -> CreateOrderRequest {
+    CreateOrderRequest {
+        items: vec![
+            OrderItem {
+                sku: "BOOK-DDIA".to_owned(),
+                quantity: 1,
+                unit_price_minor: 3999,
+            },
+            OrderItem {
+                sku: "MUG-RUST".to_owned(),
+                quantity: 2,
+                unit_price_minor: 1250,
+            },
+        ],
+        currency: "EUR".to_owned(),
+        idempotency_key,
+        shipping_address: Some(ShippingAddress {
+            name: "Ada Lovelace".to_owned(),
+            line1: "12 St James's Square".to_owned(),
+            line2: String::new(),
+            city: "London".to_owned(),
+            postal_code: "SW1Y 4JH".to_owned(),
+            country: "GB".to_owned(),
+        }),
+    }
+}
+
 /// Tells the story: sign up, log in, order, read it back, see the notification.
 pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
     let mut users = UserServiceClient::new(connect(&stack.user_service).await?);
@@ -110,33 +139,9 @@ pub(crate) async fn run(stack: &StackFile) -> anyhow::Result<()> {
         ms(started.elapsed())
     );
 
-    let items = vec![
-        OrderItem {
-            sku: "BOOK-DDIA".to_owned(),
-            quantity: 1,
-            unit_price_minor: 3999,
-        },
-        OrderItem {
-            sku: "MUG-RUST".to_owned(),
-            quantity: 2,
-            unit_price_minor: 1250,
-        },
-    ];
     let request = authed(
         &login.access_token,
-        CreateOrderRequest {
-            items,
-            currency: "EUR".to_owned(),
-            idempotency_key: uuid::Uuid::new_v4().to_string(),
-            shipping_address: Some(ShippingAddress {
-                name: "Ada Lovelace".to_owned(),
-                line1: "12 St James's Square".to_owned(),
-                line2: String::new(),
-                city: "London".to_owned(),
-                postal_code: "SW1Y 4JH".to_owned(),
-                country: "GB".to_owned(),
-            }),
-        },
+        sample_order(uuid::Uuid::new_v4().to_string()),
     )?;
     let ordered_at = Instant::now();
     let created = orders

@@ -261,17 +261,11 @@ fn print_report(report: &Value) {
     match &report["projections"] {
         Value::Array(all) => {
             for p in all {
-                let name = p["name"].as_str().unwrap_or_default();
-                if p["live"].is_null() {
-                    out!("  {name:<22} not started yet");
-                } else {
-                    out!(
-                        "  {name:<22} generation {} at position {}, {} events behind",
-                        p["live"]["generation"],
-                        p["live"]["position"],
-                        p["live"]["lag_events"]
-                    );
-                }
+                out!(
+                    "  {:<22} {}",
+                    p["name"].as_str().unwrap_or_default(),
+                    admin::describe_projection(p)
+                );
             }
         }
         other => out!("  {}", other["error"].as_str().unwrap_or_default()),

@@ -7,8 +7,8 @@ use std::{
 };
 
 use contracts::order::v1::{
-    CancelOrderRequest, CreateOrderRequest, DeliverOrderRequest, GetOrderRequest,
-    ListOrdersRequest, OrderItem, PayOrderRequest, ShipOrderRequest, ShippingAddress,
+    CancelOrderRequest, DeliverOrderRequest, GetOrderRequest, ListOrdersRequest, PayOrderRequest,
+    ShipOrderRequest,
 };
 use uuid::Uuid;
 
@@ -160,17 +160,6 @@ pub(crate) struct Plan {
     pub(crate) read_sample: u64,
 }
 
-fn address() -> ShippingAddress {
-    ShippingAddress {
-        name: "Load Generator".to_owned(),
-        line1: "1 Benchmark Road".to_owned(),
-        line2: String::new(),
-        city: "Leeds".to_owned(),
-        postal_code: "LS1 1AA".to_owned(),
-        country: "GB".to_owned(),
-    }
-}
-
 fn code(result: &Result<(), tonic::Status>) -> Option<tonic::Code> {
     result.as_ref().err().map(tonic::Status::code)
 }
@@ -200,27 +189,8 @@ async fn one_flow(plan: &Plan, shared: &Shared, n: u64, planned: Option<Instant>
                 Step::Create => {
                     let created = orders
                         .create_order(
-                            crate::demo::authed(
-                                &user.token,
-                                CreateOrderRequest {
-                                    items: vec![
-                                        OrderItem {
-                                            sku: "BOOK-DDIA".to_owned(),
-                                            quantity: 1,
-                                            unit_price_minor: 3999,
-                                        },
-                                        OrderItem {
-                                            sku: "MUG-RUST".to_owned(),
-                                            quantity: 2,
-                                            unit_price_minor: 1250,
-                                        },
-                                    ],
-                                    currency: "EUR".to_owned(),
-                                    idempotency_key: key,
-                                    shipping_address: Some(address()),
-                                },
-                            )
-                            .map_err(bad)?,
+                            crate::demo::authed(&user.token, crate::demo::sample_order(key))
+                                .map_err(bad)?,
                         )
                         .await?
                         .into_inner();
