@@ -260,7 +260,8 @@ impl Deliverer {
             self.store.remember_recipient(*user_id, email).await?;
         }
         let gated = decoded.order.filter(|_| !redriven);
-        let user = decoded.trigger.as_ref().map(|t| t.render().user_id);
+        let rendered = decoded.trigger.as_ref().map(|t| (t, t.render()));
+        let user = rendered.as_ref().map(|(_, message)| message.user_id);
         let mut tx = self.store.pool().begin().await?;
         if let Some((order_id, _)) = gated {
             store::lock_order(&mut tx, order_id).await?;
@@ -285,8 +286,11 @@ impl Deliverer {
                 )));
             }
         }
-        let (log, outcome) = match &decoded.trigger {
-            Some(trigger) => self.deliver(subject, decoded, trigger, &known).await?,
+        let (log, outcome) = match &rendered {
+            Some((trigger, message)) => {
+                self.deliver(subject, decoded, trigger, message, &known)
+                    .await?
+            }
             None => (None, Ok(())),
         };
         // The log record commits even when another channel failed (so the
@@ -304,9 +308,9 @@ impl Deliverer {
         subject: &str,
         decoded: &Decoded,
         trigger: &Trigger,
+        message: &notification_domain::Message,
         known: &store::Known,
     ) -> Result<(Option<Delivered>, Result<(), Problem>), Problem> {
-        let message = trigger.render();
         let outgoing = Outgoing {
             event_id: decoded.event_id,
             event_type: subject,
