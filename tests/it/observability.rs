@@ -146,16 +146,16 @@ async fn a_flow_shows_up_in_every_services_metrics() -> anyhow::Result<()> {
         "order-service asked user-service ({validations})"
     );
 
+    // The user and order streams are consumed independently: wait for the
+    // last of each, not for one stream to imply the other.
     let notification_metrics = eventually(
-        "both order events consumed",
+        "the user event and both order events consumed",
         Duration::from_secs(10),
         || async {
             let body = scrape(stack.notification_admin).await.ok()?;
-            (metric(
-                &body,
-                "shop_events_consumed_total",
-                "type=\"order.paid\",outcome=\"delivered\"",
-            ) == Some(1.0))
+            let consumed = |labels: &str| metric(&body, "shop_events_consumed_total", labels);
+            (consumed("type=\"order.paid\",outcome=\"delivered\"") == Some(1.0)
+                && consumed("type=\"user.created\",outcome=\"delivered\"").is_some())
             .then_some(body)
         },
     )
