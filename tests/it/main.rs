@@ -13,5 +13,6 @@ mod observability;
 mod order_api;
 mod orders;
 mod relay;
+mod sign_in;
 mod support;
 mod user_api;

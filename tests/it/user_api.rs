@@ -196,64 +196,6 @@ async fn an_expired_token_is_refused_everywhere() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn repeated_failures_lock_an_email_for_a_while_known_or_not() -> anyhow::Result<()> {
-    let stack = TestStack::start_with(|auth| {
-        auth.max_failed_logins = 3;
-        auth.lockout_secs = 5;
-    })
-    .await?;
-    let mut users = stack.users().await?;
-    users
-        .create_user(CreateUserRequest {
-            email: "locked@example.com".to_owned(),
-            password: "right password".to_owned(),
-        })
-        .await?;
-    let auth = |email: &str, password: &str| AuthenticateRequest {
-        email: email.to_owned(),
-        password: password.to_owned(),
-    };
-    for email in ["locked@example.com", "ghost@example.com"] {
-        for _ in 0..3 {
-            assert_rejected(
-                users.authenticate(auth(email, "wrong password")).await,
-                Code::Unauthenticated,
-                None,
-            );
-        }
-        let throttled = users
-            .authenticate(auth(email, "right password"))
-            .await
-            .expect_err("locked");
-        assert_eq!(throttled.code(), Code::ResourceExhausted, "{email}");
-        assert!(
-            throttled.message().contains("retry in"),
-            "{}",
-            throttled.message()
-        );
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(5100)).await;
-    users
-        .authenticate(auth("LOCKED@example.com", "right password"))
-        .await?;
-    // Success resets the count: two more failures do not lock it again.
-    for _ in 0..2 {
-        assert_rejected(
-            users
-                .authenticate(auth("locked@example.com", "nope nope"))
-                .await,
-            Code::Unauthenticated,
-            None,
-        );
-    }
-    users
-        .authenticate(auth("locked@example.com", "right password"))
-        .await?;
-    stack.stop().await;
-    Ok(())
-}
-
 /// Tokens signed with a retired key keep working while that key is listed
 /// for verification, and stop when it is removed.
 #[tokio::test]

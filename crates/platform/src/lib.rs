@@ -11,6 +11,7 @@ pub mod db;
 pub mod grpc;
 pub mod metrics;
 pub mod nats;
+pub mod net;
 pub mod paging;
 pub mod ports;
 pub mod shutdown;

@@ -16,72 +16,7 @@ use std::{
     sync::Arc,
 };
 
-/// An address block, e.g. `127.0.0.0/8`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Network {
-    base: IpAddr,
-    prefix: u8,
-}
-
-impl Network {
-    fn parse(text: &str) -> Result<Self, String> {
-        let (ip, prefix) = text.split_once('/').unwrap_or((text, ""));
-        let base: IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| format!("{text:?} is not an address or CIDR block"))?;
-        let max = if base.is_ipv4() { 32 } else { 128 };
-        let prefix = if prefix.is_empty() {
-            max
-        } else {
-            prefix
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{text:?} has an invalid prefix length"))?
-        };
-        Ok(Self { base, prefix })
-    }
-
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self.base, canonical(ip)) {
-            (IpAddr::V4(base), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(base) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(base), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(base) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// IPv4 addresses embedded in IPv6 (`::ffff:a.b.c.d`, NAT64 `64:ff9b::/96`)
-/// are judged as the IPv4 address they reach.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
-            let segments = v6.segments();
-            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                let [a, b] = segments[6].to_be_bytes();
-                let [c, d] = segments[7].to_be_bytes();
-                return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
-            }
-            IpAddr::V6(v6)
-        }
-        v4 => v4,
-    }
-}
+use platform::net::{Networks, canonical};
 
 /// Whether `ip` is on the public internet (not loopback, private, link
 /// local, shared, documentation, multicast, reserved or unspecified).
@@ -143,7 +78,7 @@ fn internal_name(host: &str) -> bool {
 /// The egress policy of webhook deliveries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Egress {
-    allowed: Vec<Network>,
+    allowed: Networks,
 }
 
 impl Egress {
@@ -154,19 +89,15 @@ impl Egress {
     ///
     /// A malformed entry.
     pub fn new(allowed: &str) -> Result<Self, String> {
-        let allowed = allowed
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(Network::parse)
-            .collect::<Result<_, _>>()?;
-        Ok(Self { allowed })
+        Ok(Self {
+            allowed: Networks::parse(allowed)?,
+        })
     }
 
     /// Whether a delivery may connect to `ip`.
     #[must_use]
     pub fn permits(&self, ip: IpAddr) -> bool {
-        is_public(ip) || self.allowed.iter().any(|n| n.contains(ip))
+        is_public(ip) || self.allowed.contains(ip)
     }
 
     /// Checks a webhook URL when it is registered.

@@ -14,12 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService as _;
 
 use crate::{
-    Settings,
-    auth::TokenIssuer,
-    config::AuthSettings,
-    grpc::UserApi,
-    integration::UserEvents,
-    store::{LoginThrottle, UserStore},
+    Settings, auth::TokenIssuer, config::AuthSettings, grpc::UserApi, integration::UserEvents,
+    store::UserStore, throttle::SignInThrottle,
 };
 
 /// A built, not yet running user-service: its ports are bound, its database
@@ -34,6 +30,7 @@ pub struct Application {
     metrics: Metrics,
     readiness: Readiness,
     pool: sqlx::PgPool,
+    throttle: SignInThrottle,
 }
 
 impl Application {
@@ -64,16 +61,13 @@ impl Application {
         )
         .with_metrics(metrics.clone());
         let auth = &settings.auth;
-        let throttle = LoginThrottle::new(
-            pool.clone(),
-            auth.max_failed_logins,
-            auth.failed_login_window_secs,
-            auth.lockout_secs,
-        );
+        let (tokens, signing_key) = token_issuer(auth)?;
+        let throttle = SignInThrottle::new(pool.clone(), auth.throttle.clone(), &signing_key)
+            .map_err(StartError::Other)?;
         let api = UserApi::new(
             UserStore::new(pool.clone()),
-            token_issuer(auth)?,
-            throttle,
+            tokens,
+            throttle.clone(),
             crate::hashing::HashPool::per_core(),
             metrics.clone(),
         );
@@ -89,6 +83,7 @@ impl Application {
             metrics,
             pool,
             readiness,
+            throttle,
         })
     }
 
@@ -121,6 +116,10 @@ impl Application {
             readiness: self.readiness,
             background: vec![
                 tokio::spawn(self.relay.run(shutdown.clone())),
+                tokio::spawn(
+                    self.throttle
+                        .prune_until_stopped(Duration::from_secs(60), shutdown.clone()),
+                ),
                 tokio::spawn(platform::metrics::sample_pool(
                     self.metrics.clone(),
                     self.pool,
@@ -145,8 +144,8 @@ fn check_key(what: &str, key: &[u8]) -> Result<(), StartError> {
 }
 
 /// The signing key (from the file if one is named, else the variable, else
-/// random) and the older verification keys.
-fn token_issuer(auth: &AuthSettings) -> Result<TokenIssuer, StartError> {
+/// random) and the older verification keys; also the signing key itself.
+fn token_issuer(auth: &AuthSettings) -> Result<(TokenIssuer, Vec<u8>), StartError> {
     let ttl = chrono::Duration::seconds(i64::try_from(auth.token_ttl_secs).unwrap_or(3600));
     let key = match &auth.signing_key_file {
         Some(path) => std::fs::read_to_string(path)
@@ -184,5 +183,5 @@ fn token_issuer(auth: &AuthSettings) -> Result<TokenIssuer, StartError> {
         check_key(&format!("verification key {kid}"), key.as_bytes())?;
         issuer = issuer.with_verification_key(kid.trim(), key.as_bytes());
     }
-    Ok(issuer)
+    Ok((issuer, key))
 }

@@ -4,6 +4,8 @@ use messaging::StreamLimits;
 use platform::config::Secret;
 use serde::{Deserialize, Serialize};
 
+use crate::throttle::ThrottleSettings;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     /// `APP_GRPC_ADDR`; port 0 picks a free one.
@@ -37,10 +39,8 @@ pub struct AuthSettings {
     pub verification_keys: Secret,
     pub token_ttl_secs: u64,
     pub issuer: String,
-    /// Failed sign-ins for one email, within the window, before it is locked.
-    pub max_failed_logins: u32,
-    pub failed_login_window_secs: u64,
-    pub lockout_secs: u64,
+    /// `APP_AUTH__THROTTLE__*`: failed sign-in throttling (ADR 0012).
+    pub throttle: ThrottleSettings,
 }
 
 impl Default for Settings {
@@ -59,9 +59,7 @@ impl Default for Settings {
                 verification_keys: Secret::default(),
                 token_ttl_secs: 3600,
                 issuer: "shop.user-service".to_owned(),
-                max_failed_logins: 5,
-                failed_login_window_secs: 900,
-                lockout_secs: 900,
+                throttle: ThrottleSettings::default(),
             },
             startup_wait_secs: 30,
         }

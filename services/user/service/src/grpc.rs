@@ -12,7 +12,8 @@ use uuid::Uuid;
 use crate::{
     auth::{self, TokenIssuer},
     hashing::HashPool,
-    store::{LoginThrottle, StoreError, UserRecord, UserStore},
+    store::{StoreError, UserRecord, UserStore},
+    throttle::{ClientAddress, SignInThrottle},
 };
 
 /// Handlers of `UserService`.
@@ -20,7 +21,7 @@ use crate::{
 pub struct UserApi {
     store: UserStore,
     tokens: TokenIssuer,
-    throttle: LoginThrottle,
+    throttle: SignInThrottle,
     hashes: HashPool,
     metrics: platform::metrics::Metrics,
 }
@@ -30,7 +31,7 @@ impl UserApi {
     pub fn new(
         store: UserStore,
         tokens: TokenIssuer,
-        throttle: LoginThrottle,
+        throttle: SignInThrottle,
         hashes: HashPool,
         metrics: platform::metrics::Metrics,
     ) -> Self {
@@ -60,6 +61,17 @@ const BAD_CREDENTIALS: &str = "email or password is incorrect";
 const MAX_EMAIL_LEN: usize = 320;
 /// Longer than any password manager produces; bounds the hashing input.
 const MAX_PASSWORD_LEN: usize = 1024;
+
+/// RESOURCE_EXHAUSTED with the wait in the message and as `RetryInfo`.
+fn too_many_failures(retry_after: std::time::Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    let secs = retry_after.as_secs_f64().ceil().max(1.0);
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!("too many failed sign-ins; retry in {secs} s"),
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
+}
 
 fn to_proto(user: &UserRecord) -> pb::User {
     pb::User {
@@ -118,6 +130,14 @@ impl UserService for UserApi {
         &self,
         request: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        let client = ClientAddress::resolve(
+            request.remote_addr(),
+            request
+                .metadata()
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok()),
+            self.throttle.trusted_proxies(),
+        );
         let request = request.into_inner();
         let mut violations = FieldViolations::new();
         if request.email.trim().is_empty() {
@@ -143,16 +163,14 @@ impl UserService for UserApi {
             |_| request.email.trim().to_lowercase(),
             |e| e.as_str().to_owned(),
         );
-        if let Some(until) = self
+        let attempt = self.throttle.attempt(&throttle_key, &client);
+        if let Some(throttled) = self
             .throttle
-            .locked_until(&throttle_key)
+            .check(&attempt)
             .await
             .map_err(|e| status::from_sqlx(&e))?
         {
-            let wait = (until - Utc::now()).num_seconds().max(1);
-            return Err(Status::resource_exhausted(format!(
-                "too many failed sign-ins for this email; retry in {wait} s"
-            )));
+            return Err(too_many_failures(throttled.retry_after));
         }
         // A malformed email cannot belong to anyone: same answer as unknown.
         let user = match parsed {
@@ -170,13 +188,13 @@ impl UserService for UserApi {
             .await?;
         let Some(user) = user.filter(|_| ok) else {
             self.throttle
-                .record_failure(&throttle_key)
+                .record_failure(&attempt)
                 .await
                 .map_err(|e| status::from_sqlx(&e))?;
             return Err(Status::unauthenticated(BAD_CREDENTIALS));
         };
         self.throttle
-            .reset(&throttle_key)
+            .record_success(&attempt)
             .await
             .map_err(|e| status::from_sqlx(&e))?;
         let (token, claims) = self.tokens.issue(user.id, &user.email, Utc::now());

@@ -2,7 +2,8 @@
 //!
 //! Layout: [`config`] (settings), [`app`] (composition and lifecycle),
 //! [`grpc`] (proto <-> domain, `Status` mapping), [`store`] (Postgres),
-//! [`auth`] (password hashing and tokens), [`integration`] (`user.*` events
+//! [`auth`] (password hashing and tokens), [`throttle`] (failed sign-ins),
+//! [`integration`] (`user.*` events
 //! for the outbox relay).
 
 pub mod app;
@@ -12,6 +13,7 @@ pub mod grpc;
 pub mod hashing;
 pub mod integration;
 pub mod store;
+pub mod throttle;
 
 pub use app::Application;
 pub use config::Settings;
