@@ -83,9 +83,12 @@ async fn an_email_reaches_a_real_smtp_server_with_recipient_and_content() -> any
     let email = stack
         .users()
         .await?
-        .get_user(contracts::user::v1::GetUserRequest {
-            user_id: user_id.clone(),
-        })
+        .get_user(testkit::bearer(
+            &token,
+            contracts::user::v1::GetUserRequest {
+                user_id: user_id.clone(),
+            },
+        ))
         .await?
         .into_inner()
         .user

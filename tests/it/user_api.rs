@@ -133,26 +133,35 @@ async fn authentication_gives_a_token_that_validates_and_refuses_bad_credentials
     );
 
     let fetched = users
-        .get_user(GetUserRequest {
-            user_id: created.id.clone(),
-        })
+        .get_user(testkit::bearer(
+            &token.access_token,
+            GetUserRequest {
+                user_id: created.id.clone(),
+            },
+        ))
         .await?
         .into_inner();
     assert_eq!(fetched.user, Some(created));
     assert_rejected(
         users
-            .get_user(GetUserRequest {
-                user_id: "42".to_owned(),
-            })
+            .get_user(testkit::bearer(
+                &token.access_token,
+                GetUserRequest {
+                    user_id: "42".to_owned(),
+                },
+            ))
             .await,
         Code::InvalidArgument,
         Some("user_id"),
     );
     assert_rejected(
         users
-            .get_user(GetUserRequest {
-                user_id: uuid::Uuid::new_v4().to_string(),
-            })
+            .get_user(testkit::bearer(
+                &token.access_token,
+                GetUserRequest {
+                    user_id: uuid::Uuid::new_v4().to_string(),
+                },
+            ))
             .await,
         Code::NotFound,
         None,

@@ -20,7 +20,7 @@ use sqlx::{PgPool, Row as _};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::store::{AppendError, Appended, NewEvent, SnapshotWrite, append};
+use crate::store::{AppendError, Appended, IdempotencyKey, NewEvent, SnapshotWrite, append};
 
 /// One command's append, waiting for a writer.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub(crate) struct Request {
     pub(crate) expected_version: i64,
     pub(crate) events: Vec<NewEvent>,
     pub(crate) context: EventContext,
-    pub(crate) idempotency_key: Option<String>,
+    pub(crate) idempotency_key: Option<IdempotencyKey>,
     pub(crate) snapshot: Option<SnapshotWrite>,
     pub(crate) reply: oneshot::Sender<Result<Appended, AppendError>>,
 }
@@ -101,7 +101,9 @@ fn groupable(batch: &[Request]) -> bool {
         && batch.iter().all(|r| {
             !r.events.is_empty()
                 && streams.insert(r.stream_id.as_str())
-                && r.idempotency_key.as_deref().is_none_or(|k| keys.insert(k))
+                && r.idempotency_key
+                    .as_ref()
+                    .is_none_or(|k| keys.insert(k.key.as_str()))
         })
 }
 
@@ -143,7 +145,7 @@ async fn commit(pool: &PgPool, batch: Vec<Request>) {
             request.expected_version,
             &request.events,
             &request.context,
-            request.idempotency_key.as_deref(),
+            request.idempotency_key.as_ref(),
             request.snapshot.as_ref(),
         )
         .await;
@@ -170,9 +172,9 @@ WITH input AS (
     FROM ins JOIN input i ON i.stream_id = ins.stream_id AND i.version = ins.version
     GROUP BY i.cmd
 ), keys AS (
-    INSERT INTO idempotency_keys (key, stream_id, version, position)
-    SELECT k.key, k.stream_id, p.version, p.position
-    FROM UNNEST($13::int4[], $14::text[], $15::text[]) AS k(cmd, key, stream_id)
+    INSERT INTO idempotency_keys (key, stream_id, version, position, fingerprint)
+    SELECT k.key, k.stream_id, p.version, p.position, k.fingerprint
+    FROM UNNEST($13::int4[], $14::text[], $15::text[], $22::text[]) AS k(cmd, key, stream_id, fingerprint)
     JOIN per_cmd p ON p.cmd = k.cmd
 ), snaps AS (
     INSERT INTO snapshots (stream_id, version, snapshot_version, state, first_at, last_at)
@@ -205,6 +207,7 @@ struct Columns<'a> {
     key_cmd: Vec<i32>,
     key: Vec<&'a str>,
     key_stream: Vec<&'a str>,
+    key_fingerprint: Vec<&'a str>,
     snap_cmd: Vec<i32>,
     snap_stream: Vec<&'a str>,
     snap_version: Vec<i32>,
@@ -234,8 +237,9 @@ async fn append_group(pool: &PgPool, batch: &[Request]) -> Result<Vec<Appended>,
         }
         if let Some(key) = &request.idempotency_key {
             c.key_cmd.push(cmd);
-            c.key.push(key);
+            c.key.push(&key.key);
             c.key_stream.push(&request.stream_id);
+            c.key_fingerprint.push(&key.fingerprint);
         }
         if let Some(snapshot) = &request.snapshot {
             c.snap_cmd.push(cmd);
@@ -268,6 +272,7 @@ async fn append_group(pool: &PgPool, batch: &[Request]) -> Result<Vec<Appended>,
         .bind(&c.snap_state)
         .bind(&c.snap_first)
         .bind(&c.snap_last)
+        .bind(&c.key_fingerprint)
         .fetch_all(pool)
         .await
         .map_err(AppendError::Database)?;

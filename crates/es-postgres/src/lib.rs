@@ -14,7 +14,8 @@ pub mod tail;
 
 pub use relay::{IntegrationMapper, Relay, RelayConfig};
 pub use store::{
-    AppendError, Appended, CommandLoad, EventStore, NewEvent, Snapshot, SnapshotWrite, StoreError,
+    AppendError, Appended, CommandLoad, EventStore, IdempotencyKey, NewEvent, Snapshot,
+    SnapshotWrite, StoreError, UsedKey,
 };
 
 /// The current time at the precision Postgres stores (microseconds), so a

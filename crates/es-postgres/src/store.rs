@@ -47,6 +47,37 @@ pub struct Appended {
     pub position: i64,
 }
 
+/// An idempotency key with the fingerprint of the request it came with: a
+/// retry must send the same request; the same key with a different request
+/// is refused instead of answered with the first request's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// Unique per database (callers scope it, e.g. by user).
+    pub key: String,
+    /// Identifies the request (a hash of the command and its fields).
+    pub fingerprint: String,
+}
+
+/// What a used idempotency key wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedKey {
+    pub stream_id: String,
+    pub appended: Appended,
+    /// `None` for keys stored before fingerprints were recorded.
+    pub fingerprint: Option<String>,
+}
+
+impl UsedKey {
+    /// Whether `key` came with the request that used it first (keys stored
+    /// without a fingerprint match any request).
+    #[must_use]
+    pub fn same_request(&self, key: &IdempotencyKey) -> bool {
+        self.fingerprint
+            .as_deref()
+            .is_none_or(|f| f == key.fingerprint)
+    }
+}
+
 /// Why an append was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
@@ -82,8 +113,8 @@ WITH ins AS (
 ), total AS (
     SELECT max(version) AS version, max(position) AS position FROM ins
 ), key AS (
-    INSERT INTO idempotency_keys (key, stream_id, version, position)
-    SELECT $12, $1, version, position FROM total WHERE $12::text IS NOT NULL
+    INSERT INTO idempotency_keys (key, stream_id, version, position, fingerprint)
+    SELECT $12, $1, version, position, $17 FROM total WHERE $12::text IS NOT NULL
 ), snap AS (
     INSERT INTO snapshots (stream_id, version, snapshot_version, state, first_at, last_at)
     SELECT $1, version, $14, $13::jsonb, $15, $16 FROM total WHERE $13::text IS NOT NULL
@@ -120,8 +151,8 @@ pub struct CommandLoad {
     pub snapshot: Option<Snapshot>,
     /// Events after the snapshot (or all), in version order.
     pub events: Vec<RecordedEvent>,
-    /// What the idempotency key wrote before, if it was used: (stream, result).
-    pub key: Option<(String, Appended)>,
+    /// What the idempotency key wrote before, if it was used.
+    pub key: Option<UsedKey>,
 }
 
 /// Appends `events` to `stream_id`, which must be at `expected_version`
@@ -138,7 +169,7 @@ pub async fn append<'e>(
     expected_version: i64,
     events: &[NewEvent],
     context: &EventContext,
-    idempotency_key: Option<&str>,
+    idempotency_key: Option<&IdempotencyKey>,
     snapshot: Option<&SnapshotWrite>,
 ) -> Result<Appended, AppendError> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
@@ -161,11 +192,12 @@ pub async fn append<'e>(
         .bind(context.causation_id)
         .bind(&context.actor)
         .bind(context.traceparent.as_deref())
-        .bind(idempotency_key)
+        .bind(idempotency_key.map(|k| k.key.as_str()))
         .bind(snapshot.map(|s| s.state.to_string()))
         .bind(snapshot.map(|s| s.snapshot_version))
         .bind(snapshot.map(|s| s.first_at))
         .bind(snapshot.map(|s| s.last_at))
+        .bind(idempotency_key.map(|k| k.fingerprint.as_str()))
         .fetch_one(executor)
         .await
         .map_err(|e| classify(e, stream_id, expected_version))?;
@@ -239,7 +271,7 @@ impl EventStore {
         expected_version: i64,
         events: &[NewEvent],
         context: &EventContext,
-        idempotency_key: Option<&str>,
+        idempotency_key: Option<&IdempotencyKey>,
         snapshot: Option<&SnapshotWrite>,
     ) -> Result<Appended, AppendError> {
         if let Some(group) = &self.group {
@@ -249,7 +281,7 @@ impl EventStore {
                 expected_version,
                 events: events.to_vec(),
                 context: context.clone(),
-                idempotency_key: idempotency_key.map(str::to_owned),
+                idempotency_key: idempotency_key.cloned(),
                 snapshot: snapshot.cloned(),
                 reply,
             };
@@ -283,7 +315,7 @@ impl EventStore {
         let sql = format!(
             "SELECT s.version AS snap_version, s.state AS snap_state, s.first_at AS snap_first_at, \
                     s.last_at AS snap_last_at, k.stream_id AS key_stream, k.version AS key_version, \
-                    k.position AS key_position, e.* \
+                    k.position AS key_position, k.fingerprint AS key_fingerprint, e.* \
              FROM (SELECT 1) one \
              LEFT JOIN snapshots s ON s.stream_id = $1 AND s.snapshot_version = $3 \
              LEFT JOIN idempotency_keys k ON k.key = $2 \
@@ -309,14 +341,15 @@ impl EventStore {
                 last_at: first.try_get("snap_last_at")?,
             });
         }
-        if let Some(stream) = first.try_get::<Option<String>, _>("key_stream")? {
-            load.key = Some((
-                stream,
-                Appended {
+        if let Some(stream_id) = first.try_get::<Option<String>, _>("key_stream")? {
+            load.key = Some(UsedKey {
+                stream_id,
+                appended: Appended {
                     version: first.try_get("key_version")?,
                     position: first.try_get("key_position")?,
                 },
-            ));
+                fingerprint: first.try_get("key_fingerprint")?,
+            });
         }
         for row in &rows {
             if row.try_get::<Option<i64>, _>("position")?.is_some() {
@@ -366,23 +399,22 @@ impl EventStore {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn find_idempotency_key(
-        &self,
-        key: &str,
-    ) -> Result<Option<(String, Appended)>, StoreError> {
-        let row =
-            sqlx::query("SELECT stream_id, version, position FROM idempotency_keys WHERE key = $1")
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await?;
+    pub async fn find_idempotency_key(&self, key: &str) -> Result<Option<UsedKey>, StoreError> {
+        let row = sqlx::query(
+            "SELECT stream_id, version, position, fingerprint FROM idempotency_keys WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(r) = row else { return Ok(None) };
-        Ok(Some((
-            r.try_get("stream_id")?,
-            Appended {
+        Ok(Some(UsedKey {
+            stream_id: r.try_get("stream_id")?,
+            appended: Appended {
                 version: r.try_get("version")?,
                 position: r.try_get("position")?,
             },
-        )))
+            fingerprint: r.try_get("fingerprint")?,
+        }))
     }
 }
 

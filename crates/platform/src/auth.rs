@@ -23,6 +23,8 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub user_id: Uuid,
+    /// When the caller's token expires (what long-lived streams end at).
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Default user-service client settings.
@@ -159,13 +161,25 @@ impl Authenticator {
             tracing::error!("user-service returned a malformed user id");
             Status::unavailable("user-service gave an invalid answer; retry later")
         })?;
-        let caller = Caller { user_id };
+        let expires_at = response
+            .expires_at
+            .as_ref()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0));
+        let caller = Caller {
+            user_id,
+            expires_at,
+        };
         self.remember(token, caller, response.expires_at.as_ref());
         Ok(caller)
     }
 }
 
-fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
+/// The token of `authorization: Bearer <token>`.
+///
+/// # Errors
+///
+/// UNAUTHENTICATED naming the header when it is missing or malformed.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
     let missing = || Status::unauthenticated("authorization: a `Bearer <token>` is required");
     let value = metadata
         .get("authorization")

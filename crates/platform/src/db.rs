@@ -42,7 +42,9 @@ pub async fn migrate(
         }
     }
     // Several migrators share `_sqlx_migrations` (event store + service);
-    // each must ignore the others' versions.
+    // each must ignore the others' versions, and versions must be unique
+    // across them: services number a day's migrations 000001-000099, the
+    // event store 000100 and up.
     for mut migrator in migrators {
         migrator.set_ignore_missing(true);
         migrator.run(pool).await?;

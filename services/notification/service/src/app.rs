@@ -38,6 +38,7 @@ pub struct Application {
     sampled_consumers: Vec<PullConsumer>,
     deliverer: Deliverer,
     egress: crate::egress::Egress,
+    limits: crate::config::UserLimits,
     database_url: String,
     metrics: Metrics,
     readiness: Readiness,
@@ -142,6 +143,7 @@ impl Application {
             consumers,
             deliverer,
             egress,
+            limits: settings.limits,
             database_url: settings.database_url,
             metrics,
             readiness,
@@ -186,7 +188,14 @@ impl Application {
         )));
         platform::grpc::Service {
             routes: tonic::service::Routes::new(NotificationServiceServer::new(
-                NotificationApi::new(self.store, self.auth, hub, self.egress, shutdown.clone()),
+                NotificationApi::new(
+                    self.store,
+                    self.auth,
+                    hub,
+                    self.egress,
+                    self.limits,
+                    shutdown.clone(),
+                ),
             )),
             name: NotificationServiceServer::<NotificationApi>::NAME,
             listener: self.listener,

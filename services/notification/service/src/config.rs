@@ -41,10 +41,32 @@ pub struct Settings {
     /// Redelivery delays: capped exponential backoff with full jitter.
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// `APP_LIMITS__*`: per-user caps.
+    pub limits: UserLimits,
     /// Fault injection for chaos tests; zero in production.
     pub faults: Faults,
     /// How long start-up waits for Postgres and NATS.
     pub startup_wait_secs: u64,
+}
+
+/// What one user may hold at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UserLimits {
+    /// `APP_LIMITS__WEBHOOKS_PER_USER`: registered (not deleted) webhooks.
+    pub webhooks_per_user: u32,
+    /// `APP_LIMITS__WATCHES_PER_USER`: open `WatchNotifications` streams,
+    /// per replica.
+    pub watches_per_user: u32,
+}
+
+impl Default for UserLimits {
+    fn default() -> Self {
+        Self {
+            webhooks_per_user: 10,
+            watches_per_user: 4,
+        }
+    }
 }
 
 /// `APP_SMTP__...`: the mail server for the email channel.
@@ -96,6 +118,7 @@ impl Default for Settings {
             ack_wait_secs: 30,
             max_deliver: 8,
             consumer_lanes: 16,
+            limits: UserLimits::default(),
             retry_base_ms: 500,
             retry_max_ms: 60_000,
             faults: Faults::default(),

@@ -21,8 +21,30 @@ pub struct NotificationApi {
     hub: Hub,
     /// Where webhooks may point (checked at registration).
     egress: crate::egress::Egress,
+    limits: crate::config::UserLimits,
+    /// Open watch streams per user on this replica.
+    watches: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, u32>>>,
     /// Ends open watch streams, so a graceful shutdown does not wait on them.
     shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// One open watch stream, counted against its user's cap until dropped.
+struct WatchSlot {
+    watches: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, u32>>>,
+    user: Uuid,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        if let Ok(mut watches) = self.watches.lock()
+            && let Some(open) = watches.get_mut(&self.user)
+        {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                watches.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl NotificationApi {
@@ -32,6 +54,7 @@ impl NotificationApi {
         auth: Authenticator,
         hub: Hub,
         egress: crate::egress::Egress,
+        limits: crate::config::UserLimits,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
@@ -39,8 +62,30 @@ impl NotificationApi {
             auth,
             hub,
             egress,
+            limits,
+            watches: std::sync::Arc::default(),
             shutdown,
         }
+    }
+
+    /// A watch slot for `user`, or RESOURCE_EXHAUSTED at the cap.
+    fn open_watch(&self, user: Uuid) -> Result<WatchSlot, Status> {
+        let mut watches = self
+            .watches
+            .lock()
+            .map_err(|_| Status::internal("watch registry poisoned"))?;
+        let open = watches.entry(user).or_insert(0);
+        if *open >= self.limits.watches_per_user {
+            return Err(Status::resource_exhausted(format!(
+                "at most {} open watch streams per user; close one first",
+                self.limits.watches_per_user
+            )));
+        }
+        *open += 1;
+        Ok(WatchSlot {
+            watches: std::sync::Arc::clone(&self.watches),
+            user,
+        })
     }
 }
 
@@ -111,15 +156,31 @@ impl NotificationService for NotificationApi {
         request: Request<pb::WatchNotificationsRequest>,
     ) -> Result<Response<Self::WatchNotificationsStream>, Status> {
         let caller = self.auth.authenticate(request.metadata()).await?;
+        let slot = self.open_watch(caller.user_id)?;
         let mut recorded = self.hub.subscribe();
         let store = self.store.clone();
         let shutdown = self.shutdown.clone();
+        // The stream ends when the caller's token does: a watcher must sign
+        // in again, as every other call must.
+        let expires_in = caller
+            .expires_at
+            .and_then(|at| (at - chrono::Utc::now()).to_std().ok())
+            .unwrap_or_default();
+        let expiry = tokio::time::sleep(expires_in);
         let (sender, receiver) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
+            let _slot = slot;
+            tokio::pin!(expiry);
             loop {
                 let (user, id) = tokio::select! {
                     () = sender.closed() => return,
                     () = shutdown.cancelled() => return,
+                    () = &mut expiry => {
+                        let _ = sender
+                            .send(Err(Status::unauthenticated("authorization: token expired; sign in and watch again")))
+                            .await;
+                        return;
+                    }
                     next = recorded.recv() => match next {
                         Ok(next) => next,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
@@ -160,11 +221,17 @@ impl NotificationService for NotificationApi {
             .and_then(|url| self.egress.check_url(&url).map(|()| url))
             .map_err(|e| status::invalid_argument("url", e))?;
         let secret = new_secret();
+        let limit = self.limits.webhooks_per_user;
         let hook = self
             .store
-            .add_webhook(caller.user_id, url.as_str(), &secret)
+            .add_webhook(caller.user_id, url.as_str(), &secret, limit)
             .await
-            .map_err(|e| status::from_sqlx(&e))?;
+            .map_err(|e| status::from_sqlx(&e))?
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "at most {limit} webhooks per user; delete one first"
+                ))
+            })?;
         Ok(Response::new(pb::RegisterWebhookResponse {
             webhook: Some(webhook_to_proto(&hook)),
             secret,

@@ -192,7 +192,8 @@ impl NotificationStore {
             .await
     }
 
-    /// Registers a webhook.
+    /// Registers a webhook unless the user has `max_per_user` already
+    /// (`None`).
     ///
     /// # Errors
     ///
@@ -202,18 +203,29 @@ impl NotificationStore {
         user_id: Uuid,
         url: &str,
         secret: &str,
-    ) -> Result<Webhook, sqlx::Error> {
+        max_per_user: u32,
+    ) -> Result<Option<Webhook>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // Serializes one user's registrations so the cap holds under races.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 42))")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
         let row = sqlx::query(
-            "INSERT INTO webhooks (id, user_id, url, secret) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO webhooks (id, user_id, url, secret) \
+             SELECT $1, $2, $3, $4 \
+             WHERE (SELECT count(*) FROM webhooks WHERE user_id = $2 AND deleted_at IS NULL) < $5 \
              RETURNING id, user_id, url, secret, created_at",
         )
         .bind(Uuid::now_v7())
         .bind(user_id)
         .bind(url)
         .bind(secret)
-        .fetch_one(&self.pool)
+        .bind(i64::from(max_per_user))
+        .fetch_optional(&mut *tx)
         .await?;
-        webhook(&row)
+        tx.commit().await?;
+        row.as_ref().map(webhook).transpose()
     }
 
     /// A user's active webhooks, oldest first.

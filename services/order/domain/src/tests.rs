@@ -327,6 +327,18 @@ fn line_values_are_parsed() {
     assert_eq!(Sku::parse(" "), Err(LineError::Empty));
     assert_eq!(Sku::parse("bad sku"), Err(LineError::BadSku));
     assert_eq!(Currency::parse("EURO"), Err(CurrencyError::Malformed));
+    assert_eq!(Currency::parse("XYZ"), Err(CurrencyError::Unknown));
+    assert_eq!(
+        Currency::parse("xau"),
+        Err(CurrencyError::Unknown),
+        "gold is not money here"
+    );
+    assert_eq!(
+        Currency::parse(" jpy ").map(|c| c.as_str().to_owned()),
+        Ok("JPY".to_owned())
+    );
+    let stored: Currency = serde_json::from_str("\"HRK\"").expect("history stays readable");
+    assert_eq!(stored.as_str(), "HRK");
     assert_eq!(Currency::parse(""), Err(CurrencyError::Empty));
     assert_eq!(CountryCode::parse("GBR"), Err(TextError::NotCountryCode));
     assert_eq!(Carrier::parse(""), Err(TextError::Empty));

@@ -146,7 +146,26 @@ pub struct OrderLine {
     pub unit_price: UnitPrice,
 }
 
-/// An ISO 4217-shaped currency code: three letters, stored upper-case.
+/// The ISO 4217 codes of currencies in circulation (December 2026; funds,
+/// precious metals and test codes excluded), sorted for binary search.
+const ISO_4217: &[&str] = &[
+    "AED", "AFN", "ALL", "AMD", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BGN",
+    "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF",
+    "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP",
+    "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ", "GYD",
+    "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD", "JPY",
+    "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD",
+    "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK",
+    "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK",
+    "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG",
+    "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS",
+    "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS", "VED",
+    "VES", "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
+];
+
+/// An ISO 4217 currency code, stored upper-case. New orders must use a
+/// currency in circulation; stored events keep whatever code they were
+/// written with (a withdrawn currency does not make history unreadable).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Currency(String);
@@ -158,6 +177,8 @@ pub enum CurrencyError {
     Empty,
     #[error("must be a three-letter ISO 4217 code such as EUR")]
     Malformed,
+    #[error("is not an ISO 4217 currency in circulation")]
+    Unknown,
 }
 
 impl Currency {
@@ -165,6 +186,15 @@ impl Currency {
     ///
     /// See [`CurrencyError`].
     pub fn parse(raw: &str) -> Result<Self, CurrencyError> {
+        let currency = Self::shaped(raw)?;
+        if ISO_4217.binary_search(&currency.as_str()).is_err() {
+            return Err(CurrencyError::Unknown);
+        }
+        Ok(currency)
+    }
+
+    /// Three letters, any code: what stored events are read with.
+    fn shaped(raw: &str) -> Result<Self, CurrencyError> {
         let code = raw.trim();
         if code.is_empty() {
             return Err(CurrencyError::Empty);
@@ -184,7 +214,7 @@ impl Currency {
 impl TryFrom<String> for Currency {
     type Error = CurrencyError;
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        Self::parse(&value)
+        Self::shaped(&value)
     }
 }
 

@@ -5,7 +5,9 @@
 
 use chrono::{DateTime, Utc};
 use es::{Aggregate as _, EventContext, RecordedEvent};
-use es_postgres::{AppendError, Appended, EventStore, NewEvent, SnapshotWrite, StoreError};
+use es_postgres::{
+    AppendError, Appended, EventStore, IdempotencyKey, NewEvent, SnapshotWrite, StoreError,
+};
 use order_domain::{DecodeError, Order, OrderCommand, OrderError, OrderEvent};
 use uuid::Uuid;
 
@@ -32,7 +34,7 @@ pub enum CommandError {
     WrongVersion { expected: i64, actual: i64 },
     #[error("order {0} was changed concurrently; reload and retry")]
     Conflict(Uuid),
-    #[error("idempotency key was already used for another order")]
+    #[error("idempotency key was already used for a different request")]
     KeyReused,
     #[error("stored event cannot be read: {0}")]
     Decode(#[from] DecodeError),
@@ -104,14 +106,17 @@ impl OrderCommands {
         })
     }
 
-    async fn original_for_key(&self, key: &str) -> Result<Outcome, CommandError> {
-        let (stream, appended) = self
+    /// The answer to a retry whose key another append already stored: the
+    /// original result if the request is the same, else `KeyReused`.
+    async fn original_for_key(&self, key: &IdempotencyKey) -> Result<Outcome, CommandError> {
+        let used = self
             .store
-            .find_idempotency_key(key)
+            .find_idempotency_key(&key.key)
             .await?
+            .filter(|used| used.same_request(key))
             .ok_or(CommandError::KeyReused)?;
-        let order_id = order_id_of(&stream).ok_or(CommandError::KeyReused)?;
-        self.original(order_id, appended).await
+        let order_id = order_id_of(&used.stream_id).ok_or(CommandError::KeyReused)?;
+        self.original(order_id, used.appended).await
     }
 
     /// Places a new order. A repeated `key` returns the original order.
@@ -123,7 +128,7 @@ impl OrderCommands {
         &self,
         command: OrderCommand,
         context: &EventContext,
-        key: Option<&str>,
+        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
         let events = Order::default().handle(command)?;
         let order = Order::replay(&events);
@@ -152,18 +157,22 @@ impl OrderCommands {
         command: OrderCommand,
         expected_version: Option<i64>,
         context: &EventContext,
-        key: Option<&str>,
+        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
         let stream = es::stream_id::<Order>(order_id);
         let load = self
             .store
-            .load_for_command(&stream, key, order_domain::SNAPSHOT_VERSION)
+            .load_for_command(
+                &stream,
+                key.map(|k| k.key.as_str()),
+                order_domain::SNAPSHOT_VERSION,
+            )
             .await?;
-        if let Some((key_stream, appended)) = load.key {
-            if key_stream != stream {
+        if let (Some(used), Some(key)) = (load.key, key) {
+            if used.stream_id != stream || !used.same_request(key) {
                 return Err(CommandError::KeyReused);
             }
-            return self.original(order_id, appended).await;
+            return self.original(order_id, used.appended).await;
         }
         let (base, first_at, last_at) = match &load.snapshot {
             Some(snapshot) => match serde_json::from_value::<Order>(snapshot.state.clone()) {
@@ -209,7 +218,7 @@ impl OrderCommands {
         command: OrderCommand,
         expected_version: Option<i64>,
         context: &EventContext,
-        key: Option<&str>,
+        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
         let events = self.store.load(&es::stream_id::<Order>(order_id)).await?;
         let times = (
@@ -240,7 +249,7 @@ impl OrderCommands {
         command: OrderCommand,
         expected_version: Option<i64>,
         context: &EventContext,
-        key: Option<&str>,
+        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
         // Another user's order does not exist, as far as this caller knows.
         if current.status.is_none() || current.user_id != Some(owner) {
@@ -272,7 +281,7 @@ impl OrderCommands {
         (first_at, _): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
         events: &[OrderEvent],
         context: &EventContext,
-        key: Option<&str>,
+        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
         let now = es_postgres::now();
         let first_at = first_at.unwrap_or(now);
@@ -317,7 +326,10 @@ impl OrderCommands {
             }
             Err(AppendError::Conflict { .. }) => Err(CommandError::Conflict(order_id)),
             // A concurrent retry with the same key won: answer as it did.
-            Err(AppendError::DuplicateKey) => self.original_for_key(key.unwrap_or_default()).await,
+            Err(AppendError::DuplicateKey) => match key {
+                Some(key) => self.original_for_key(key).await,
+                None => Err(CommandError::KeyReused),
+            },
             Err(error) => Err(CommandError::Append(error)),
         }
     }

@@ -4,6 +4,7 @@
 
 use contracts::order::v1::{self as pb, order_service_server::OrderService};
 use es::EventContext;
+use es_postgres::IdempotencyKey;
 use order_domain::{
     AddressLine, CancelReason, Carrier, CountryCode, Currency, Order, OrderCommand, OrderError,
     OrderLine, OrderStatus, PaymentReference, Quantity, ShippingAddress, Sku, TrackingNumber,
@@ -61,7 +62,7 @@ impl OrderApi {
         };
         violations.into_result()?;
         let context = context(metadata, caller);
-        let key = scoped_key(caller, common.idempotency_key);
+        let key = scoped_key(caller, common.idempotency_key, common.fingerprint);
         let expected = (common.expected_version > 0).then_some(common.expected_version);
         let outcome = self
             .commands
@@ -71,7 +72,7 @@ impl OrderApi {
                 command,
                 expected,
                 &context,
-                key.as_deref(),
+                key.as_ref(),
             )
             .await
             .map_err(|e| command_error(&e))?;
@@ -80,11 +81,13 @@ impl OrderApi {
 }
 
 /// The fields every command on an existing order carries.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Common<'a> {
     order_id: &'a str,
     idempotency_key: &'a str,
     expected_version: i64,
+    /// See [`fingerprint`].
+    fingerprint: String,
 }
 
 const MAX_KEY_LEN: usize = 128;
@@ -101,8 +104,37 @@ fn context(metadata: &MetadataMap, caller: Caller) -> EventContext {
 }
 
 /// Keys are per user: one user's key never collides with another's.
-fn scoped_key(caller: Caller, key: &str) -> Option<String> {
-    (!key.is_empty()).then(|| format!("{}:{key}", caller.user_id))
+fn scoped_key(caller: Caller, key: &str, fingerprint: String) -> Option<IdempotencyKey> {
+    (!key.is_empty()).then(|| IdempotencyKey {
+        key: format!("{}:{key}", caller.user_id),
+        fingerprint,
+    })
+}
+
+/// What binds an idempotency key to its request: a hash of the RPC and
+/// every field but the key itself, so reusing a key for another command or
+/// another body is refused instead of answered with the first request's
+/// result. Empty when the request has no key.
+fn fingerprint<M: prost::Message + Clone>(
+    rpc: &str,
+    request: &M,
+    key_of: impl FnOnce(&mut M) -> &mut String,
+) -> String {
+    use sha2::Digest as _;
+    let mut bare = request.clone();
+    if std::mem::take(key_of(&mut bare)).is_empty() {
+        return String::new();
+    }
+    let digest = sha2::Sha256::new()
+        .chain_update(rpc.as_bytes())
+        .chain_update([0])
+        .chain_update(bare.encode_to_vec())
+        .finalize();
+    digest.iter().fold(String::with_capacity(64), |mut hex, b| {
+        use std::fmt::Write as _;
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
 }
 
 fn check_key(violations: &mut FieldViolations, key: &str) {
@@ -231,9 +263,10 @@ fn command_error(error: &CommandError) -> Status {
         CommandError::WrongVersion { .. } | CommandError::Conflict(_) => {
             Status::aborted(error.to_string())
         }
-        CommandError::KeyReused => {
-            status::invalid_argument("idempotency_key", "was already used for another order")
-        }
+        CommandError::KeyReused => status::invalid_argument(
+            "idempotency_key",
+            "was already used for a different request",
+        ),
         CommandError::Decode(e) => status::internal(e),
         CommandError::Store(e) => status::unavailable("database", e),
         CommandError::Append(es_postgres::AppendError::Database(e)) => status::from_sqlx(e),
@@ -331,10 +364,15 @@ impl OrderService for OrderApi {
         tracing::Span::current().record("user_id", tracing::field::display(caller.user_id));
         let command = parse_create(request.get_ref(), caller)?;
         let context = context(request.metadata(), caller);
-        let key = scoped_key(caller, &request.get_ref().idempotency_key);
+        let r = request.get_ref();
+        let key = scoped_key(
+            caller,
+            &r.idempotency_key,
+            fingerprint("CreateOrder", r, |m| &mut m.idempotency_key),
+        );
         let outcome = self
             .commands
-            .create(command, &context, key.as_deref())
+            .create(command, &context, key.as_ref())
             .await
             .map_err(|e| command_error(&e))?;
         let (order, position) = answer(&outcome);
@@ -355,6 +393,7 @@ impl OrderService for OrderApi {
             order_id: &r.order_id,
             idempotency_key: &r.idempotency_key,
             expected_version: r.expected_version,
+            fingerprint: fingerprint("PayOrder", r, |m| &mut m.idempotency_key),
         };
         let (order, position) = self
             .run(request.metadata(), common, |violations| {
@@ -387,6 +426,7 @@ impl OrderService for OrderApi {
             order_id: &r.order_id,
             idempotency_key: &r.idempotency_key,
             expected_version: r.expected_version,
+            fingerprint: fingerprint("ShipOrder", r, |m| &mut m.idempotency_key),
         };
         let (order, position) = self
             .run(request.metadata(), common, |violations| {
@@ -415,6 +455,7 @@ impl OrderService for OrderApi {
             order_id: &r.order_id,
             idempotency_key: &r.idempotency_key,
             expected_version: r.expected_version,
+            fingerprint: fingerprint("DeliverOrder", r, |m| &mut m.idempotency_key),
         };
         let (order, position) = self
             .run(request.metadata(), common, |_| Some(OrderCommand::Deliver))
@@ -435,6 +476,7 @@ impl OrderService for OrderApi {
             order_id: &r.order_id,
             idempotency_key: &r.idempotency_key,
             expected_version: r.expected_version,
+            fingerprint: fingerprint("CancelOrder", r, |m| &mut m.idempotency_key),
         };
         let (order, position) = self
             .run(request.metadata(), common, |violations| {

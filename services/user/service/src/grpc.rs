@@ -230,9 +230,19 @@ impl UserService for UserApi {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
+        // Only the signed-in user's own record: an email is personal data.
+        let token = platform::auth::bearer_token(request.metadata())?;
+        let claims = self.tokens.verify(token, Utc::now()).map_err(|e| {
+            tracing::info!(reason = %e, "token rejected");
+            Status::unauthenticated("authorization: token is invalid or expired")
+        })?;
         let raw = request.into_inner().user_id;
         let id = Uuid::parse_str(&raw)
             .map_err(|_| status::invalid_argument("user_id", "must be a UUID"))?;
+        if id != claims.sub {
+            // Someone else's record does not exist, as far as this caller knows.
+            return Err(Status::not_found(format!("user {id} not found")));
+        }
         let user = self
             .store
             .get(id)
