@@ -57,10 +57,15 @@ impl Authenticator {
         metrics: &Metrics,
     ) -> Result<Self, StartError> {
         let url = &settings.url;
-        let channel = Channel::from_shared(url.clone())
+        let mut endpoint = Channel::from_shared(url.clone())
             .map_err(|e| StartError::Other(format!("user_service url {url:?}: {e}")))?
-            .connect_timeout(Duration::from_millis(settings.per_try_timeout_ms))
-            .connect_lazy();
+            .connect_timeout(Duration::from_millis(settings.per_try_timeout_ms));
+        if let Some(tls) = settings.tls.config(url, "APP_USER_SERVICE__TLS__")? {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| StartError::Other(format!("APP_USER_SERVICE__TLS__*: {e}")))?;
+        }
+        let channel = endpoint.connect_lazy();
         Ok(Self {
             client: UserServiceClient::new(channel),
             policy: CallPolicy::new("user-service", settings, metrics),

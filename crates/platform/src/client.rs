@@ -32,6 +32,8 @@ pub struct ClientSettings {
     pub breaker_half_open_max_calls: u32,
     pub breaker_success_threshold: u32,
     pub breaker_trial_timeout_ms: u64,
+    /// `…__TLS__*`: see [`crate::tls`].
+    pub tls: crate::tls::ClientTls,
 }
 
 impl ClientSettings {
@@ -51,6 +53,7 @@ impl ClientSettings {
             breaker_half_open_max_calls: 1,
             breaker_success_threshold: 1,
             breaker_trial_timeout_ms: 500,
+            tls: crate::tls::ClientTls::default(),
         }
     }
 }

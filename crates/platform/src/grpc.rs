@@ -74,6 +74,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: crate::metrics::Metrics,
     readiness: crate::admin::Readiness,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -115,7 +116,13 @@ pub async fn serve(
             .set_service_status(service_name, ServingStatus::NotServing)
             .await;
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| StartError::Other(format!("APP_TLS__*: {e}")))?;
+    }
+    server
         .layer(tower::layer::layer_fn(move |inner| Observe {
             inner,
             metrics: metrics.clone(),
@@ -275,6 +282,8 @@ pub struct Service {
     pub admin: crate::admin::AdminServer,
     pub metrics: crate::metrics::Metrics,
     pub readiness: crate::admin::Readiness,
+    /// TLS of the gRPC port (`APP_TLS__*`); `None`: plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Relays, projections, consumers: they stop when `shutdown` fires.
     pub background: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -298,6 +307,7 @@ impl Service {
             self.listener,
             self.metrics,
             self.readiness,
+            self.tls,
             shutdown.clone(),
         )
         .await;

@@ -17,6 +17,7 @@ pub mod ports;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
 
 /// Why a service could not start.

@@ -8,7 +8,10 @@
 //!   (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set and `OTEL_SDK_DISABLED`
 //!   is not `true`; off otherwise. The standard `OTEL_*` variables apply
 //!   (`OTEL_SERVICE_NAME`, `OTEL_BSP_SCHEDULE_DELAY`, ...). W3C trace context
-//!   is the propagation format.
+//!   is the propagation format. An `https` endpoint is TLS, trusting the
+//!   system roots or `OTEL_EXPORTER_OTLP_CERTIFICATE` (a CA file), with
+//!   `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` + `…_CLIENT_KEY` for mutual TLS
+//!   (the `TRACES_` variants take precedence), as the OTLP spec defines.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -44,10 +47,19 @@ fn tracer_provider(service: &str) -> Option<SdkTracerProvider> {
     if !tracing_enabled() {
         return None;
     }
-    let exporter = match opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-    {
+    let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    let builder = match otlp_tls() {
+        Ok(Some(tls)) => {
+            use opentelemetry_otlp::WithTonicConfig as _;
+            builder.with_tls_config(tls)
+        }
+        Ok(None) => builder,
+        Err(error) => {
+            eprintln!("OpenTelemetry export disabled: {error}");
+            return None;
+        }
+    };
+    let exporter = match builder.build() {
         Ok(exporter) => exporter,
         Err(error) => {
             eprintln!("OpenTelemetry export disabled: {error}");
@@ -64,6 +76,52 @@ fn tracer_provider(service: &str) -> Option<SdkTracerProvider> {
             .with_batch_exporter(exporter)
             .build(),
     )
+}
+
+/// The OTLP spec's variable for traces, or its general form.
+fn otlp_var(suffix: &str) -> Option<(String, String)> {
+    [
+        format!("OTEL_EXPORTER_OTLP_TRACES_{suffix}"),
+        format!("OTEL_EXPORTER_OTLP_{suffix}"),
+    ]
+    .into_iter()
+    .find_map(|name| {
+        let value = std::env::var(&name).ok()?;
+        (!value.trim().is_empty()).then(|| (name, value.trim().to_owned()))
+    })
+}
+
+/// TLS of the exporter when the endpoint is `https` (else `None`).
+fn otlp_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    let https = otlp_var("ENDPOINT").is_some_and(|(_, url)| url.starts_with("https://"));
+    if !https {
+        return Ok(None);
+    }
+    crate::tls::install_crypto_provider();
+    let read = |(name, path): (String, String)| {
+        std::fs::read(&path).map_err(|e| format!("{name} {path}: {e}"))
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    tls = match otlp_var("CERTIFICATE") {
+        Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+        None => tls.with_native_roots(),
+    };
+    match (otlp_var("CLIENT_CERTIFICATE"), otlp_var("CLIENT_KEY")) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and _CLIENT_KEY must be set together"
+                    .to_owned(),
+            );
+        }
+    }
+    Ok(Some(tls))
 }
 
 /// Installs logging and, when configured, trace export. Calling it twice

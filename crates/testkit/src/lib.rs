@@ -11,6 +11,8 @@
 //!   reaches the peer.
 //! - [`SmtpSink`] and [`WebhookReceiver`]: real SMTP and HTTP peers for the
 //!   notification channels.
+//! - [`Certs`] and [`TlsTerminator`]: certificates from the real `openssl`
+//!   tool, and TLS in front of a plaintext peer.
 
 mod nats;
 mod pg;
@@ -18,6 +20,7 @@ mod pg_server;
 mod proxy;
 mod smtp;
 mod stack;
+mod tls;
 mod webhook;
 
 pub use nats::NatsServer;
@@ -26,6 +29,7 @@ pub use pg_server::PgServer;
 pub use proxy::TcpProxy;
 pub use smtp::{Mail, SmtpSink};
 pub use stack::{TEST_SIGNING_KEY, TestStack, bearer};
+pub use tls::{Certs, TlsTerminator};
 pub use webhook::{Hit, WebhookReceiver};
 
 /// Installs test logging once (`RUST_LOG` to see service logs).

@@ -580,3 +580,152 @@ async fn one_order_is_one_trace_across_services_and_the_event_bus() -> anyhow::R
     );
     Ok(())
 }
+
+/// A TLS channel to `addr` as `localhost`, trusting `ca`, presenting
+/// `identity` if given.
+async fn tls_channel(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
+    }
+    Ok(
+        Channel::from_shared(format!("https://localhost:{}", addr.port()))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?,
+    )
+}
+
+/// Issue 12, finding 8: user-service serves gRPC over mutual TLS (files from
+/// `APP_TLS__*`), order-service calls it over mutual TLS
+/// (`APP_USER_SERVICE__TLS__*`), and both export traces to an `https` OTLP
+/// endpoint (`OTEL_EXPORTER_OTLP_CERTIFICATE`). Plaintext, a client without
+/// a certificate and a client trusting another CA are all refused.
+#[tokio::test]
+async fn services_speak_mutual_tls_and_export_traces_over_https() -> anyhow::Result<()> {
+    let certs = testkit::Certs::generate()?;
+    let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start()
+        .await
+        .map_err(|e| anyhow::anyhow!("collector: {e}"))?;
+    let collector_addr: SocketAddr = collector.endpoint().trim_start_matches("http://").parse()?;
+    let terminator = testkit::TlsTerminator::start(&certs, collector_addr).await?;
+    let (env, _proxy) = env(&[]).await?;
+    let path = |p: &std::path::Path| p.display().to_string();
+    let otel = [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("https://localhost:{}", terminator.addr().port()),
+        ),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", path(&certs.ca)),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    let mut users_env = env.users_env.clone();
+    users_env.extend([
+        ("APP_TLS__CERT_FILE", path(&certs.server_cert)),
+        ("APP_TLS__KEY_FILE", path(&certs.server_key)),
+        ("APP_TLS__CLIENT_CA_FILE", path(&certs.ca)),
+    ]);
+    users_env.extend(otel.iter().cloned());
+    let mut orders_env: Vec<(&'static str, String)> = env
+        .orders_env
+        .iter()
+        .filter(|(k, _)| *k != "APP_USER_SERVICE__URL")
+        .cloned()
+        .collect();
+    orders_env.extend([
+        (
+            "APP_USER_SERVICE__URL",
+            format!("https://localhost:{}", env.user_addr.port()),
+        ),
+        ("APP_USER_SERVICE__TLS__CA_FILE", path(&certs.ca)),
+        ("APP_USER_SERVICE__TLS__CERT_FILE", path(&certs.client_cert)),
+        ("APP_USER_SERVICE__TLS__KEY_FILE", path(&certs.client_key)),
+    ]);
+    orders_env.extend(otel.iter().cloned());
+    let _users = Process::spawn("user-service", &users_env, &env.dir.join("u.log"))?;
+    let _orders = Process::spawn("order-service", &orders_env, &env.dir.join("o.log"))?;
+
+    let identity = Some((certs.client_cert.as_path(), certs.client_key.as_path()));
+    let secure = eventually(
+        "user-service to accept TLS",
+        Duration::from_secs(60),
+        || {
+            let (addr, ca) = (env.user_addr, certs.ca.clone());
+            async move { tls_channel(addr, &ca, identity).await.ok() }
+        },
+    )
+    .await?;
+    let token = sign_up(&mut UserServiceClient::new(secure)).await?;
+    let mut orders = OrderServiceClient::new(channel(env.order_addr).await?);
+    orders
+        .create_order(bearer(&token, order()))
+        .await
+        .map_err(|e| anyhow::anyhow!("order-service -> user-service over mTLS: {e:?}"))?;
+
+    // Refused: plaintext, no client certificate, a server nobody vouched for.
+    let plain = Channel::from_shared(format!("http://{}", env.user_addr))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    if let Ok(plain) = plain {
+        let answer = UserServiceClient::new(plain)
+            .authenticate(AuthenticateRequest {
+                email: "a@b.co".to_owned(),
+                password: "x".to_owned(),
+            })
+            .await;
+        assert!(answer.is_err(), "plaintext got an answer: {answer:?}");
+    }
+    let no_identity = match tls_channel(env.user_addr, &certs.ca, None).await {
+        Err(_) => None,
+        Ok(channel) => Some(
+            UserServiceClient::new(channel)
+                .authenticate(AuthenticateRequest {
+                    email: "a@b.co".to_owned(),
+                    password: "x".to_owned(),
+                })
+                .await,
+        ),
+    };
+    assert!(
+        no_identity.as_ref().is_none_or(Result::is_err),
+        "a client without a certificate got an answer: {no_identity:?}"
+    );
+    assert!(
+        tls_channel(env.user_addr, &certs.other_ca, identity)
+            .await
+            .is_err(),
+        "a client must not trust a server its CA did not sign"
+    );
+
+    // Spans reached the collector through TLS, from both services.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut names = std::collections::HashSet::new();
+    while !(names.contains("/shop.user.v1.UserService/ValidateToken")
+        && names.contains("/shop.order.v1.OrderService/CreateOrder"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "spans over https: {names:?} (logs in {})",
+            env.dir.display()
+        );
+        for span in collector
+            .exported_spans(1, Duration::from_millis(500))
+            .await
+        {
+            names.insert(span.name.clone());
+        }
+    }
+    Ok(())
+}

@@ -42,6 +42,7 @@ pub struct Application {
     database_url: String,
     metrics: Metrics,
     readiness: Readiness,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 fn consumer_spec(
@@ -133,6 +134,7 @@ impl Application {
         let readiness = Readiness::new().postgres(pool.clone()).nats(nats);
         let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
         let admin = AdminServer::bind(&settings.admin_addr).await?;
+        let tls = settings.tls.config()?;
         Ok(Self {
             listener,
             addr,
@@ -147,6 +149,7 @@ impl Application {
             database_url: settings.database_url,
             metrics,
             readiness,
+            tls,
         })
     }
 
@@ -202,6 +205,7 @@ impl Application {
             admin: self.admin,
             metrics: self.metrics.clone(),
             readiness: self.readiness,
+            tls: self.tls,
             background,
         }
         .run(shutdown)

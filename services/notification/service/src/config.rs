@@ -16,6 +16,9 @@ pub struct Settings {
     pub streams: StreamLimits,
     /// `APP_ADMIN_ADDR`: `/metrics`, `/livez`, `/readyz`.
     pub admin_addr: String,
+    /// `APP_TLS__CERT_FILE` / `__KEY_FILE` / `__CLIENT_CA_FILE`: TLS (and
+    /// mutual TLS) on the gRPC port; unset: plaintext.
+    pub tls: platform::tls::ServerTls,
     /// `APP_USER_SERVICE__URL`, ...: where callers' tokens are validated.
     pub user_service: ClientSettings,
     /// `APP_TOKEN_CACHE_SECS`: how long a validated token is trusted.
@@ -100,6 +103,7 @@ impl Default for Settings {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             streams: StreamLimits::default(),
             admin_addr: "127.0.0.1:9093".to_owned(),
+            tls: platform::tls::ServerTls::default(),
             user_service: platform::auth::default_user_service(),
             token_cache_secs: 30,
             channels: "log,webhook".to_owned(),

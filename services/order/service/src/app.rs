@@ -36,6 +36,7 @@ pub struct Application {
     database_url: String,
     metrics: Metrics,
     readiness: Readiness,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Application {
@@ -87,6 +88,7 @@ impl Application {
         let api = OrderApi::new(commands, reads, auth);
         let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
         let admin = AdminServer::bind(&settings.admin_addr).await?;
+        let tls = settings.tls.config()?;
         Ok(Self {
             listener,
             addr,
@@ -97,6 +99,7 @@ impl Application {
             database_url: settings.database_url,
             metrics,
             readiness,
+            tls,
         })
     }
 
@@ -153,6 +156,7 @@ impl Application {
             admin: self.admin,
             metrics: self.metrics.clone(),
             readiness: self.readiness,
+            tls: self.tls,
             background,
         }
         .run(shutdown)

@@ -29,6 +29,7 @@ pub struct Application {
     relay: Relay<UserEvents>,
     metrics: Metrics,
     readiness: Readiness,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     pool: sqlx::PgPool,
     throttle: SignInThrottle,
 }
@@ -74,6 +75,7 @@ impl Application {
         let readiness = Readiness::new().postgres(pool.clone()).nats(nats);
         let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
         let admin = AdminServer::bind(&settings.admin_addr).await?;
+        let tls = settings.tls.config()?;
         Ok(Self {
             listener,
             addr,
@@ -83,6 +85,7 @@ impl Application {
             metrics,
             pool,
             readiness,
+            tls,
             throttle,
         })
     }
@@ -114,6 +117,7 @@ impl Application {
             admin: self.admin,
             metrics: self.metrics.clone(),
             readiness: self.readiness,
+            tls: self.tls,
             background: vec![
                 tokio::spawn(self.relay.run(shutdown.clone())),
                 tokio::spawn(

@@ -18,6 +18,9 @@ pub struct Settings {
     pub streams: StreamLimits,
     /// `APP_ADMIN_ADDR`: `/metrics`, `/livez`, `/readyz`.
     pub admin_addr: String,
+    /// `APP_TLS__CERT_FILE` / `__KEY_FILE` / `__CLIENT_CA_FILE`: TLS (and
+    /// mutual TLS) on the gRPC port; unset: plaintext.
+    pub tls: platform::tls::ServerTls,
     pub auth: AuthSettings,
     /// How long start-up waits for Postgres and NATS.
     pub startup_wait_secs: u64,
@@ -52,6 +55,7 @@ impl Default for Settings {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             streams: StreamLimits::default(),
             admin_addr: "127.0.0.1:9091".to_owned(),
+            tls: platform::tls::ServerTls::default(),
             auth: AuthSettings {
                 signing_key: Secret::default(),
                 signing_key_file: None,
