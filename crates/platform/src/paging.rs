@@ -72,3 +72,28 @@ pub fn parse<K: std::str::FromStr>(
         after: after?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Untrusted page requests: any size and token either parse into a
+        /// bounded page or name the bad field; nothing panics.
+        #[test]
+        fn any_page_request_is_a_bounded_page_or_a_named_violation(
+            size in proptest::prelude::any::<i32>(),
+            token in "\\PC{0,64}",
+        ) {
+            let mut violations = FieldViolations::new();
+            match parse::<uuid::Uuid>(&mut violations, size, &token) {
+                Some(page) => {
+                    proptest::prop_assert!((1..=i64::from(MAX_PAGE_SIZE)).contains(&page.size));
+                    proptest::prop_assert!(violations.is_empty());
+                    proptest::prop_assert_eq!(page.after.is_some(), !token.is_empty());
+                }
+                None => proptest::prop_assert!(!violations.is_empty()),
+            }
+        }
+    }
+}

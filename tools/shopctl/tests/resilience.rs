@@ -260,6 +260,7 @@ async fn the_breaker_opens_when_user_service_dies_and_closes_when_it_returns() -
 
     let _user_service = Process::spawn("user-service", &env.users_env, &env.dir.join("user2.log"))?;
     channel(env.user_addr).await?;
+    let healthy = Instant::now();
     let placed = eventually("an order to succeed again", Duration::from_secs(20), || {
         let mut orders = orders.clone();
         let request = bearer(&token, order());
@@ -267,6 +268,13 @@ async fn the_breaker_opens_when_user_service_dies_and_closes_when_it_returns() -
     })
     .await?;
     assert!(placed.into_inner().order.is_some());
+    // Recovery bound (issue 12): the open timeout (1.5 s) + 1 s after the
+    // downstream is healthy.
+    assert!(
+        healthy.elapsed() < Duration::from_millis(2500),
+        "recovered {:?} after user-service was healthy",
+        healthy.elapsed()
+    );
     assert_eq!(
         breaker_state(env.order_admin).await?,
         Some(0),

@@ -312,3 +312,48 @@ impl NotificationService for NotificationApi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Untrusted webhook URLs: whatever is accepted is an absolute
+        /// http(s) URL with a host, no credentials, and passes the egress
+        /// policy (public addresses only by default); nothing panics.
+        #[test]
+        fn only_public_http_urls_are_accepted(raw in "\\PC{0,120}") {
+            check_any(&raw)?;
+        }
+
+        #[test]
+        fn url_shaped_input_is_judged_not_panicked(
+            scheme in "(http|https|ftp|file|javascript)",
+            host in "(\\PC{0,20}|[0-9]{1,10}|0x[0-9a-f]{1,8}|\\[[0-9a-f:.]{0,40}\\]|[a-z.]{1,20})",
+            rest in "\\PC{0,40}",
+        ) {
+            check_any(&format!("{scheme}://{host}{rest}"))?;
+        }
+    }
+
+    fn check_any(raw: &str) -> Result<(), proptest::test_runner::TestCaseError> {
+        let egress = crate::egress::Egress::default();
+        if let Ok(url) = parse_webhook_url(raw)
+            && egress.check_url(&url).is_ok()
+        {
+            proptest::prop_assert!(matches!(url.scheme(), "http" | "https"));
+            proptest::prop_assert!(url.username().is_empty() && url.password().is_none());
+            match url.host() {
+                Some(url::Host::Ipv4(ip)) => {
+                    proptest::prop_assert!(crate::egress::is_public(ip.into()), "{url}");
+                }
+                Some(url::Host::Ipv6(ip)) => {
+                    proptest::prop_assert!(crate::egress::is_public(ip.into()), "{url}");
+                }
+                Some(url::Host::Domain(name)) => proptest::prop_assert!(!name.is_empty()),
+                None => proptest::prop_assert!(false, "no host: {url}"),
+            }
+        }
+        Ok(())
+    }
+}

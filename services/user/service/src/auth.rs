@@ -379,4 +379,28 @@ mod tests {
         assert!(!verify_password("wrong horse", Some(&hash)));
         assert!(!verify_password("not-a-real-password", None));
     }
+
+    proptest::proptest! {
+        /// Untrusted tokens: arbitrary text, and three base64 segments with
+        /// arbitrary JSON-ish content, are rejected without panicking.
+        #[test]
+        fn no_token_from_outside_verifies_or_panics(raw in "\\PC{0,200}") {
+            proptest::prop_assert!(issuer().verify(&raw, Utc::now()).is_err());
+        }
+
+        #[test]
+        fn forged_segments_never_verify(
+            header in "\\PC{0,80}",
+            claims in "\\PC{0,120}",
+            signature in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48),
+        ) {
+            let token = format!(
+                "{}.{}.{}",
+                URL_SAFE_NO_PAD.encode(header),
+                URL_SAFE_NO_PAD.encode(claims),
+                URL_SAFE_NO_PAD.encode(signature),
+            );
+            proptest::prop_assert!(issuer().verify(&token, Utc::now()).is_err());
+        }
+    }
 }

@@ -402,4 +402,16 @@ mod tests {
         );
         assert_eq!(resolve(None, Some("1.2.3.4"), &proxies).0, "unknown");
     }
+
+    proptest::proptest! {
+        /// Untrusted `x-forwarded-for`: any header resolves to some address
+        /// without panicking, and an untrusted peer's header changes nothing.
+        #[test]
+        fn any_forwarded_for_header_resolves(header in "\\PC{0,120}") {
+            let proxies = Networks::parse("127.0.0.0/8").expect("valid");
+            let _ = ClientAddress::resolve(addr("127.0.0.1:1"), Some(&header), &proxies);
+            let untrusted = ClientAddress::resolve(addr("203.0.113.1:1"), Some(&header), &proxies);
+            proptest::prop_assert_eq!(untrusted.0, "203.0.113.1");
+        }
+    }
 }
