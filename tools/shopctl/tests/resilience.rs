@@ -737,3 +737,56 @@ async fn services_speak_mutual_tls_and_export_traces_over_https() -> anyhow::Res
     }
     Ok(())
 }
+
+/// Issue 12, finding 5: ids with a newline forged whole log lines, ESC bytes
+/// reached the log raw, a 1 MB id wrote a 1 MB line, all without a token.
+/// Sent to a real order-service; its JSON log must stay one well-formed,
+/// short record per line, with nothing of the hostile input in it.
+#[tokio::test]
+async fn hostile_ids_cannot_forge_or_flood_the_log() -> anyhow::Result<()> {
+    use contracts::order::v1::{GetOrderRequest, PayOrderRequest};
+    let (env, _proxy) = env(&[]).await?;
+    let log = env.dir.join("orders.log");
+    let _users = Process::spawn("user-service", &env.users_env, &env.dir.join("u.log"))?;
+    let _orders = Process::spawn("order-service", &env.orders_env, &log)?;
+    let mut orders = OrderServiceClient::new(channel(env.order_addr).await?);
+    let forged = "x\n{\"level\":\"ERROR\",\"fields\":{\"message\":\"FORGED-LINE\"}}\n\u{1b}[31m";
+    let huge = "y".repeat(1 << 20);
+    for id in [forged.to_owned(), huge.clone()] {
+        let _ = orders
+            .get_order(GetOrderRequest {
+                order_id: id.clone(),
+                min_position: 0,
+            })
+            .await;
+        let _ = orders
+            .pay_order(PayOrderRequest {
+                order_id: id,
+                payment_reference: forged.to_owned(),
+                amount_minor: 1,
+                idempotency_key: forged.to_owned(),
+                expected_version: 0,
+            })
+            .await;
+    }
+    // The calls are logged (as rejected) before the process is stopped.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = std::fs::read_to_string(&log)?;
+    anyhow::ensure!(
+        text.contains(&format!("<invalid, {} bytes>", huge.len())),
+        "the rejected calls are logged, by the id's length only: {text}"
+    );
+    for line in text.lines() {
+        anyhow::ensure!(line.len() < 4096, "a {}-byte log line", line.len());
+        anyhow::ensure!(!line.contains('\u{1b}'), "a raw ESC byte: {line}");
+        anyhow::ensure!(
+            !line.contains("FORGED-LINE"),
+            "hostile input in the log: {line}"
+        );
+        anyhow::ensure!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not one JSON record: {line}"
+        );
+    }
+    Ok(())
+}
