@@ -19,6 +19,32 @@ use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
 
+/// The variables of logging and tracing every service reads (beside its
+/// `APP_*` settings), with their defaults.
+pub const ENV: &[(&str, &str)] = &[
+    ("RUST_LOG", "info"),
+    ("APP_LOG_FORMAT", "text"),
+    ("OTEL_SDK_DISABLED", "false"),
+    ("OTEL_SERVICE_NAME", ""),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "10000"),
+    ("OTEL_EXPORTER_OTLP_HEADERS", ""),
+    ("OTEL_EXPORTER_OTLP_CERTIFICATE", ""),
+    ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", ""),
+    ("OTEL_EXPORTER_OTLP_CLIENT_KEY", ""),
+    ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", ""),
+    ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", ""),
+    ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", ""),
+    ("OTEL_RESOURCE_ATTRIBUTES", ""),
+    ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+    ("OTEL_TRACES_SAMPLER_ARG", ""),
+    ("OTEL_BSP_SCHEDULE_DELAY", "5000"),
+    ("OTEL_BSP_MAX_QUEUE_SIZE", "2048"),
+    ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512"),
+    ("OTEL_BSP_EXPORT_TIMEOUT", "30000"),
+];
+
 /// Keeps the tracer provider alive; call [`Telemetry::shutdown`] before
 /// exiting so buffered spans are exported.
 #[derive(Debug, Default)]

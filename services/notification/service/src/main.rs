@@ -2,7 +2,10 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    platform::cli::handle_args("notification-service", env!("CARGO_PKG_VERSION"));
+    platform::cli::handle_args::<notification_service::Settings>(
+        "notification-service",
+        env!("CARGO_PKG_VERSION"),
+    );
     let telemetry = platform::telemetry::init("notification-service");
     let settings: notification_service::Settings = platform::config::load()?;
     let app = notification_service::Application::build(settings).await?;

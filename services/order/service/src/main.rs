@@ -2,7 +2,10 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    platform::cli::handle_args("order-service", env!("CARGO_PKG_VERSION"));
+    platform::cli::handle_args::<order_service::Settings>(
+        "order-service",
+        env!("CARGO_PKG_VERSION"),
+    );
     let telemetry = platform::telemetry::init("order-service");
     let settings: order_service::Settings = platform::config::load()?;
     let app = order_service::Application::build(settings).await?;

@@ -2,7 +2,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    platform::cli::handle_args("user-service", env!("CARGO_PKG_VERSION"));
+    platform::cli::handle_args::<user_service::Settings>("user-service", env!("CARGO_PKG_VERSION"));
     let telemetry = platform::telemetry::init("user-service");
     let settings: user_service::Settings = platform::config::load()?;
     let app = user_service::Application::build(settings).await?;
