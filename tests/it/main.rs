@@ -13,6 +13,7 @@ mod observability;
 mod order_api;
 mod orders;
 mod relay;
+mod schema;
 mod sign_in;
 mod support;
 mod user_api;
