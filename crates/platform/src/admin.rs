@@ -1,8 +1,15 @@
 //! The admin HTTP port every service serves beside gRPC: `/metrics`
-//! (Prometheus), `/livez` (the process is up) and `/readyz` (its
-//! dependencies are usable).
+//! (Prometheus), `/livez` (the process is up) and `/readyz` (whether to
+//! send it traffic, ADR 13).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use tokio::net::TcpListener;
@@ -10,13 +17,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{StartError, metrics::Metrics};
 
-/// Whether a service can do its work; `/readyz` and the gRPC health service
-/// report it.
+/// Whether a replica should receive traffic (ADR 13): `/readyz` and the
+/// gRPC health service report it. Postgres unreachable or shutting down is
+/// *not ready*; NATS away or an open breaker is *degraded* (still ready:
+/// rerouting would not help, and the outbox keeps the write path open).
+/// Postgres is checked by [`Readiness::watch`] in the background, so asking
+/// costs nothing and answers at once.
 #[derive(Clone, Default)]
 pub struct Readiness {
     pool: Option<sqlx::PgPool>,
     nats: Option<async_nats::Client>,
     breakers: Vec<Arc<resilience::CircuitBreaker>>,
+    state: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    postgres_down: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -25,9 +43,22 @@ impl std::fmt::Debug for Readiness {
             .field("postgres", &self.pool.is_some())
             .field("nats", &self.nats.is_some())
             .field("breakers", &self.breakers.len())
+            .field("state", &self.state)
             .finish()
     }
 }
+
+/// What readiness found: reasons not to send traffic, and degraded
+/// dependencies that do not stop this replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub problems: Vec<String>,
+    pub degraded: Vec<String>,
+}
+
+/// How often the background check pings Postgres, and how long it waits.
+const PING_EVERY: Duration = Duration::from_millis(500);
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Readiness {
     #[must_use]
@@ -35,51 +66,119 @@ impl Readiness {
         Self::default()
     }
 
-    /// Postgres must answer.
+    /// Postgres must answer (checked by [`Readiness::watch`]).
     #[must_use]
     pub fn postgres(mut self, pool: sqlx::PgPool) -> Self {
         self.pool = Some(pool);
         self
     }
 
-    /// NATS must be connected.
+    /// NATS should be connected (degraded when not).
     #[must_use]
     pub fn nats(mut self, client: async_nats::Client) -> Self {
         self.nats = Some(client);
         self
     }
 
-    /// A breaker that must not be open.
+    /// A breaker that should be closed (degraded when open).
     #[must_use]
     pub fn breaker(mut self, breaker: Arc<resilience::CircuitBreaker>) -> Self {
         self.breakers.push(breaker);
         self
     }
 
-    /// What is wrong, or empty if ready.
-    pub async fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        if let Some(pool) = &self.pool {
-            let ping = tokio::time::timeout(
-                Duration::from_secs(2),
-                sqlx::query("SELECT 1").execute(pool),
-            )
-            .await;
-            if !matches!(ping, Ok(Ok(_))) {
-                problems.push("postgres unreachable".to_owned());
-            }
+    /// Whether the background check last found Postgres unreachable: calls
+    /// that need it can fail fast.
+    #[must_use]
+    pub fn postgres_down(&self) -> bool {
+        self.pool.is_some() && self.state.postgres_down.load(Ordering::Relaxed)
+    }
+
+    /// From now on not ready: the replica is shutting down.
+    pub fn drain(&self) {
+        self.state.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// What stops this replica, and what is degraded; no I/O.
+    #[must_use]
+    pub fn report(&self) -> Report {
+        let mut report = Report::default();
+        if self.state.draining.load(Ordering::Relaxed) {
+            report.problems.push("shutting down".to_owned());
+        }
+        if self.postgres_down() {
+            report.problems.push("postgres unreachable".to_owned());
         }
         if let Some(nats) = &self.nats
             && nats.connection_state() != async_nats::connection::State::Connected
         {
-            problems.push("nats disconnected".to_owned());
+            report.degraded.push("nats disconnected".to_owned());
         }
         for breaker in &self.breakers {
             if breaker.state() == resilience::State::Open {
-                problems.push(format!("circuit breaker to {} is open", breaker.name()));
+                report
+                    .degraded
+                    .push(format!("circuit breaker to {} is open", breaker.name()));
             }
         }
-        problems
+        report
+    }
+
+    /// Reasons not to send traffic, or empty if ready.
+    #[must_use]
+    pub fn problems(&self) -> Vec<String> {
+        self.report().problems
+    }
+
+    /// Sets `shop_dependency_up` from the current state (also at every
+    /// scrape, so it is never behind what `/readyz` says).
+    pub fn publish(&self, metrics: &Metrics) {
+        if self.pool.is_some() {
+            metrics.set_dependency_up("postgres", !self.postgres_down());
+        }
+        if let Some(nats) = &self.nats {
+            metrics.set_dependency_up(
+                "nats",
+                nats.connection_state() == async_nats::connection::State::Connected,
+            );
+        }
+        for breaker in &self.breakers {
+            metrics.set_dependency_up(breaker.name(), breaker.state() != resilience::State::Open);
+        }
+    }
+
+    /// Keeps the Postgres state and `shop_dependency_up` current until
+    /// `shutdown`.
+    pub async fn watch(self, metrics: Metrics, shutdown: CancellationToken) {
+        loop {
+            if let Some(pool) = &self.pool {
+                let ping =
+                    tokio::time::timeout(PING_TIMEOUT, sqlx::query("SELECT 1").execute(pool)).await;
+                let down = !matches!(ping, Ok(Ok(_)));
+                if down != self.state.postgres_down.swap(down, Ordering::Relaxed) {
+                    if down {
+                        tracing::warn!("postgres unreachable: not ready, failing fast");
+                    } else {
+                        tracing::info!("postgres reachable again");
+                    }
+                }
+                metrics.set_dependency_up("postgres", !down);
+            }
+            if let Some(nats) = &self.nats {
+                metrics.set_dependency_up(
+                    "nats",
+                    nats.connection_state() == async_nats::connection::State::Connected,
+                );
+            }
+            for breaker in &self.breakers {
+                metrics
+                    .set_dependency_up(breaker.name(), breaker.state() != resilience::State::Open);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(PING_EVERY) => {}
+            }
+        }
     }
 }
 
@@ -90,6 +189,7 @@ struct AdminState {
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    state.readiness.publish(&state.metrics);
     (
         [(
             "content-type",
@@ -104,13 +204,18 @@ async fn livez() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
-    let problems = state.readiness.problems().await;
-    if problems.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
+    let report = state.readiness.report();
+    let degraded = if report.degraded.is_empty() {
+        String::new()
+    } else {
+        format!(" (degraded: {})", report.degraded.join("; "))
+    };
+    if report.problems.is_empty() {
+        (StatusCode::OK, format!("ready{degraded}\n"))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", problems.join("; ")),
+            format!("not ready: {}{degraded}\n", report.problems.join("; ")),
         )
     }
 }

@@ -84,11 +84,12 @@ pub async fn serve(
     let routes = routes.add_service(health).add_service(reflection()?);
     // The health service tells the same truth as /readyz.
     let follower = {
-        let (reporter, shutdown) = (reporter.clone(), shutdown.clone());
+        let (reporter, shutdown, readiness) =
+            (reporter.clone(), shutdown.clone(), readiness.clone());
         tokio::spawn(async move {
             let mut serving = true;
             loop {
-                let ready = readiness.problems().await.is_empty();
+                let ready = readiness.problems().is_empty();
                 if ready != serving {
                     serving = ready;
                     let status = if ready {
@@ -106,8 +107,10 @@ pub async fn serve(
             }
         })
     };
+    let draining = readiness.clone();
     let stopping = async move {
         shutdown.cancelled().await;
+        draining.drain();
         let _ = follower.await;
         reporter
             .set_service_status("", ServingStatus::NotServing)
@@ -127,6 +130,7 @@ pub async fn serve(
             inner,
             metrics: metrics.clone(),
             service: service_name,
+            readiness: readiness.clone(),
         }))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), stopping)
@@ -301,6 +305,11 @@ impl Service {
             self.readiness.clone(),
             shutdown.clone(),
         ));
+        let watch = tokio::spawn(
+            self.readiness
+                .clone()
+                .watch(self.metrics.clone(), shutdown.clone()),
+        );
         let result = serve(
             self.routes,
             self.name,
@@ -312,7 +321,7 @@ impl Service {
         )
         .await;
         shutdown.cancel();
-        for task in self.background.into_iter().chain(std::iter::once(admin)) {
+        for task in self.background.into_iter().chain([admin, watch]) {
             if let Err(error) = task.await {
                 tracing::error!(%error, "background task failed");
             }
@@ -330,12 +339,24 @@ struct Observe<S> {
     inner: S,
     metrics: crate::metrics::Metrics,
     service: &'static str,
+    /// Calls that need Postgres fail fast while it is known to be down.
+    readiness: crate::admin::Readiness,
+}
+
+/// Methods that work without Postgres: health, reflection, and token
+/// validation (a signature check).
+fn needs_database(path: &str) -> bool {
+    !(path.starts_with("/grpc.health.")
+        || path.starts_with("/grpc.reflection.")
+        || path == "/shop.user.v1.UserService/ValidateToken")
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Observe<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -362,6 +383,16 @@ where
         }
         let started = std::time::Instant::now();
         let metrics = self.metrics.clone();
+        if self.readiness.postgres_down() && needs_database(request.uri().path()) {
+            metrics.grpc_served(&method, "Unavailable", 0.0);
+            let (parts, ()) = tonic::Status::unavailable("database unreachable; retry later")
+                .into_http::<()>()
+                .into_parts();
+            return Box::pin(std::future::ready(Ok(http::Response::from_parts(
+                parts,
+                R::default(),
+            ))));
+        }
         // The server span continues the caller's trace (W3C traceparent).
         let span = tracing::info_span!(
             "grpc.server",

@@ -18,6 +18,11 @@ use prometheus_client::{
 use resilience::State;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Dependency {
+    dependency: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Downstream {
     downstream: String,
 }
@@ -60,6 +65,7 @@ pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
     build_info: Family<BuildInfo, Gauge>,
     breaker_state: Family<Downstream, Gauge>,
+    dependency_up: Family<Dependency, Gauge>,
     grpc_requests: Family<MethodCode, Counter>,
     grpc_duration: Family<Method, Histogram>,
     events_appended: Family<EventType, Counter>,
@@ -92,6 +98,7 @@ impl Metrics {
         let metrics = Self {
             build_info: Family::default(),
             breaker_state: Family::default(),
+            dependency_up: Family::default(),
             grpc_requests: Family::default(),
             grpc_duration: Family::new_with_constructor(latency_histogram),
             events_appended: Family::default(),
@@ -114,6 +121,11 @@ impl Metrics {
             "circuit_breaker_state",
             "Circuit breaker state per downstream: 0 closed, 1 open, 2 half-open",
             metrics.breaker_state.clone(),
+        );
+        registry.register(
+            "dependency_up",
+            "Whether a dependency is usable (1) or away (0): postgres, nats, downstream services",
+            metrics.dependency_up.clone(),
         );
         registry.register(
             "grpc_server_requests",
@@ -184,6 +196,15 @@ impl Metrics {
                 downstream: downstream.to_owned(),
             })
             .set(state.as_gauge());
+    }
+
+    /// Whether `dependency` is usable now.
+    pub fn set_dependency_up(&self, dependency: &str, up: bool) {
+        self.dependency_up
+            .get_or_create(&Dependency {
+                dependency: dependency.to_owned(),
+            })
+            .set(i64::from(up));
     }
 
     /// Records one served gRPC call.

@@ -183,7 +183,14 @@ pub(crate) async fn show(stack_file: &Path, as_json: bool) -> anyhow::Result<()>
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|s| s["health"]["ready"] != true)
+            // Not ready, or ready but degraded (NATS away, a breaker open):
+            // either way an operator wants a non-zero exit.
+            .filter(|s| {
+                s["health"]["ready"] != true
+                    || s["health"]["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("degraded"))
+            })
             .map(|s| {
                 format!(
                     "{}: {}",

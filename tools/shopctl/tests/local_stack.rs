@@ -583,9 +583,19 @@ fn status_shows_a_backlog_and_an_open_breaker_and_sighup_stops_everything()
         if order_service["breakers"]["user-service"] == "open"
             && order_service["relay_lag_events"]["order-events"].as_f64() >= Some(1.0)
         {
+            assert_eq!(
+                order_service["health"]["ready"], true,
+                "degraded, not unready: {status}"
+            );
+            assert!(
+                order_service["health"]["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("degraded")),
+                "{status}"
+            );
             assert!(
                 !healthy,
-                "an open breaker makes order-service unready: exit non-zero"
+                "an open breaker degrades order-service (still ready, ADR 13): exit non-zero"
             );
             break;
         }

@@ -221,11 +221,17 @@ async fn the_breaker_opens_when_user_service_dies_and_closes_when_it_returns() -
         );
     }
     assert_eq!(breaker_state(env.order_admin).await?, Some(1), "open");
+    // Degraded, not unready (ADR 13): every replica shares user-service.
     let (status, body) = get(env.order_admin, "/readyz").await?;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 200, "{body}");
     assert!(
-        body.contains("circuit breaker to user-service is open"),
+        body.contains("degraded: circuit breaker to user-service is open"),
         "{body}"
+    );
+    let (_, metrics) = get(env.order_admin, "/metrics").await?;
+    assert!(
+        metrics.contains("shop_dependency_up{dependency=\"user-service\"} 0"),
+        "{metrics}"
     );
     assert_eq!(
         get(env.order_admin, "/livez").await?.0,
