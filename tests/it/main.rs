@@ -15,5 +15,6 @@ mod orders;
 mod relay;
 mod schema;
 mod sign_in;
+mod streams;
 mod support;
 mod user_api;

@@ -86,6 +86,11 @@ pub enum MessagingError {
         #[source]
         source: CreateStreamError,
     },
+    #[error("reading stream {stream}: {reason}")]
+    Lookup {
+        stream: &'static str,
+        reason: String,
+    },
     #[error("declaring consumer {consumer}: {source}")]
     Consumer {
         consumer: String,
@@ -100,17 +105,8 @@ pub enum MessagingError {
     },
 }
 
-/// Creates the stream if it does not exist (an existing one is left as is).
-///
-/// # Errors
-///
-/// Fails when JetStream is unreachable or rejects the configuration.
-pub async fn ensure_stream(
-    js: &jetstream::Context,
-    spec: StreamSpec,
-    limits: &StreamLimits,
-) -> Result<jetstream::stream::Stream, MessagingError> {
-    let config = jetstream::stream::Config {
+fn stream_config(spec: StreamSpec, limits: &StreamLimits) -> jetstream::stream::Config {
+    jetstream::stream::Config {
         name: spec.name.to_owned(),
         subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
         retention: RetentionPolicy::Limits,
@@ -120,13 +116,162 @@ pub async fn ensure_stream(
         max_age: Duration::from_secs(limits.max_age_secs),
         duplicate_window: Duration::from_secs(limits.duplicate_window_secs),
         ..Default::default()
-    };
-    js.get_or_create_stream(config)
+    }
+}
+
+/// Creates the stream if it does not exist; an existing one is left as is.
+/// For readers of a stream (consumers, operator tools); its owner calls
+/// [`declare_stream`], which also applies changed settings.
+///
+/// # Errors
+///
+/// Fails when JetStream is unreachable or rejects the configuration.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    spec: StreamSpec,
+    limits: &StreamLimits,
+) -> Result<jetstream::stream::Stream, MessagingError> {
+    js.get_or_create_stream(stream_config(spec, limits))
         .await
         .map_err(|source| MessagingError::Stream {
             stream: spec.name,
             source,
         })
+}
+
+/// What [`declare_stream`] did to an existing stream's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Settings changed to the configured value, as `name: old -> new`.
+    pub changed: Vec<String>,
+    /// Settings JetStream would not change, with its reason.
+    pub refused: Vec<String>,
+}
+
+/// The owner's declaration of its stream: created if missing; if it exists
+/// with other limits (max age, duplicate window, replicas), they are
+/// updated to the configured ones, and any JetStream refuses (replicas on
+/// a single server, for example) are logged as errors and returned: a
+/// setting is never silently ignored.
+///
+/// # Errors
+///
+/// Fails when JetStream is unreachable or rejects creating the stream.
+pub async fn declare_stream(
+    js: &jetstream::Context,
+    spec: StreamSpec,
+    limits: &StreamLimits,
+) -> Result<(jetstream::stream::Stream, Reconciled), MessagingError> {
+    let wanted = stream_config(spec, limits);
+    let error = |source| MessagingError::Stream {
+        stream: spec.name,
+        source,
+    };
+    let mut stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(error)?;
+    let current = stream.cached_info().config.clone();
+    let mut reconciled = Reconciled::default();
+    let mut differences = Vec::new();
+    if current.max_age != wanted.max_age {
+        differences.push(format!(
+            "max_age: {:?} -> {:?}",
+            current.max_age, wanted.max_age
+        ));
+    }
+    if current.duplicate_window != wanted.duplicate_window {
+        differences.push(format!(
+            "duplicate_window: {:?} -> {:?}",
+            current.duplicate_window, wanted.duplicate_window
+        ));
+    }
+    // Copies the stream runs (its leader and the peers it replicates to),
+    // which a single server may not match to the copies its config records.
+    let running =
+        |info: &jetstream::stream::Info| 1 + info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+    let copies = running(stream.cached_info());
+    if current.num_replicas != wanted.num_replicas || copies != wanted.num_replicas.max(1) {
+        differences.push(format!("replicas: {copies} -> {}", wanted.num_replicas));
+    }
+    if differences.is_empty() {
+        return Ok((stream, reconciled));
+    }
+    let update = jetstream::stream::Config {
+        max_age: wanted.max_age,
+        duplicate_window: wanted.duplicate_window,
+        num_replicas: wanted.num_replicas,
+        ..current.clone()
+    };
+    match js.update_stream(&update).await {
+        Ok(_) => {
+            tracing::warn!(stream = spec.name, changes = ?differences, "stream settings updated to the configured ones");
+            reconciled.changed = differences;
+        }
+        Err(refusal) => {
+            // Apply what can be applied, one setting at a time, and say
+            // which cannot.
+            let mut applied = current.clone();
+            for field in ["max_age", "duplicate_window", "replicas"] {
+                let Some(difference) = differences.iter().find(|d| d.starts_with(field)) else {
+                    continue;
+                };
+                let mut next = applied.clone();
+                match field {
+                    "max_age" => next.max_age = wanted.max_age,
+                    "duplicate_window" => next.duplicate_window = wanted.duplicate_window,
+                    _ => next.num_replicas = wanted.num_replicas,
+                }
+                match js.update_stream(&next).await {
+                    Ok(_) => {
+                        reconciled.changed.push(difference.clone());
+                        applied = next;
+                    }
+                    Err(e) => {
+                        tracing::error!(stream = spec.name, setting = field, wanted = %difference, error = %e, "JetStream refuses to change a stream setting; the stream keeps its old value");
+                        reconciled.refused.push(format!("{difference} ({e})"));
+                    }
+                }
+            }
+            if reconciled.refused.is_empty() {
+                tracing::warn!(stream = spec.name, %refusal, "stream settings updated one by one");
+            }
+        }
+    }
+    stream = js
+        .get_stream(spec.name)
+        .await
+        .map_err(|e| MessagingError::Lookup {
+            stream: spec.name,
+            reason: e.to_string(),
+        })?;
+    // An accepted update is not always an applied one: a single server
+    // records `replicas: 3` and keeps one copy. Believe only what the stream
+    // runs now (its leader plus the peers it replicates to).
+    let info = stream.cached_info();
+    let now = info.config.clone();
+    let running = 1 + info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+    let kept = [
+        ("max_age", now.max_age == wanted.max_age),
+        (
+            "duplicate_window",
+            now.duplicate_window == wanted.duplicate_window,
+        ),
+        ("replicas", running == wanted.num_replicas.max(1)),
+    ];
+    for (field, applied) in kept {
+        if applied {
+            continue;
+        }
+        if let Some(position) = reconciled.changed.iter().position(|c| c.starts_with(field)) {
+            let difference = reconciled.changed.remove(position);
+            tracing::error!(stream = spec.name, setting = field, wanted = %difference, "JetStream accepted a stream setting but kept its old value");
+            reconciled
+                .refused
+                .push(format!("{difference} (accepted, not applied)"));
+        }
+    }
+    Ok((stream, reconciled))
 }
 
 /// A durable pull consumer a subscriber owns.

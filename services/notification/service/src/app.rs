@@ -91,7 +91,7 @@ impl Application {
                     .map_err(|e| StartError::Nats(e.to_string()))?,
             );
         }
-        messaging::ensure_stream(&js, messaging::dlq::DLQ_STREAM, &settings.streams)
+        messaging::declare_stream(&js, messaging::dlq::DLQ_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
         let store = NotificationStore::new(pool.clone());

@@ -54,7 +54,7 @@ impl Application {
         )
         .await?;
         let (nats, js) = platform::nats::connect(&settings.nats_url, "order-service", wait).await?;
-        messaging::ensure_stream(&js, messaging::ORDERS_STREAM, &settings.streams)
+        messaging::declare_stream(&js, messaging::ORDERS_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
         let metrics = Metrics::new();

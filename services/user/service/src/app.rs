@@ -49,7 +49,7 @@ impl Application {
         )
         .await?;
         let (nats, js) = platform::nats::connect(&settings.nats_url, "user-service", wait).await?;
-        messaging::ensure_stream(&js, messaging::USERS_STREAM, &settings.streams)
+        messaging::declare_stream(&js, messaging::USERS_STREAM, &settings.streams)
             .await
             .map_err(|e| StartError::Nats(e.to_string()))?;
         let metrics = Metrics::new();

@@ -1,0 +1,73 @@
+//! Stream settings are applied on restart (issue 13, defect 3): they were
+//! silently ignored on existing streams (`get_or_create_stream`).
+
+use std::time::Duration;
+
+use messaging::{ORDERS_STREAM, StreamLimits, declare_stream, ensure_stream};
+
+#[tokio::test]
+async fn a_restart_with_other_stream_settings_applies_them_and_names_what_it_cannot()
+-> anyhow::Result<()> {
+    let nats = testkit::NatsServer::start().await?;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let first = StreamLimits {
+        replicas: 1,
+        max_age_secs: 7 * 86_400,
+        duplicate_window_secs: 120,
+    };
+    let (_, created) = declare_stream(&js, ORDERS_STREAM, &first).await?;
+    assert_eq!(created, messaging::Reconciled::default(), "a new stream");
+
+    let second = StreamLimits {
+        max_age_secs: 3600,
+        duplicate_window_secs: 30,
+        ..first.clone()
+    };
+    let (mut stream, reconciled) = declare_stream(&js, ORDERS_STREAM, &second).await?;
+    let config = stream.info().await?.config.clone();
+    assert_eq!(config.duplicate_window, Duration::from_secs(30));
+    assert_eq!(config.max_age, Duration::from_secs(3600));
+    assert_eq!(reconciled.changed.len(), 2, "{reconciled:?}");
+    assert!(reconciled.refused.is_empty(), "{reconciled:?}");
+
+    // Three replicas on a single server: JetStream refuses, and says so.
+    let third = StreamLimits {
+        replicas: 3,
+        duplicate_window_secs: 60,
+        ..second.clone()
+    };
+    let (mut stream, reconciled) = declare_stream(&js, ORDERS_STREAM, &third).await?;
+    assert!(
+        reconciled.refused.iter().any(|r| r.starts_with("replicas")),
+        "{reconciled:?}"
+    );
+    assert!(
+        reconciled
+            .changed
+            .iter()
+            .any(|c| c.starts_with("duplicate_window")),
+        "what can change still does: {reconciled:?}"
+    );
+    let info = stream.info().await?;
+    assert_eq!(
+        info.cluster.as_ref().map_or(0, |c| c.replicas.len()),
+        0,
+        "one copy, whatever the config records"
+    );
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(60));
+
+    // Also when the stream is new: created "with" three replicas, it runs one.
+    let (_, fresh) = declare_stream(&js, messaging::USERS_STREAM, &third).await?;
+    assert!(
+        fresh.refused.iter().any(|r| r.starts_with("replicas")),
+        "{fresh:?}"
+    );
+
+    // A reader declaring the stream leaves the owner's settings alone.
+    let mut read = ensure_stream(&js, ORDERS_STREAM, &StreamLimits::default()).await?;
+    assert_eq!(
+        read.info().await?.config.duplicate_window,
+        Duration::from_secs(60)
+    );
+    Ok(())
+}
