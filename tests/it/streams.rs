@@ -56,12 +56,11 @@ async fn a_restart_with_other_stream_settings_applies_them_and_names_what_it_can
     );
     assert_eq!(info.config.duplicate_window, Duration::from_secs(60));
 
-    // Also when the stream is new: created "with" three replicas, it runs one.
-    let (_, fresh) = declare_stream(&js, messaging::USERS_STREAM, &third).await?;
-    assert!(
-        fresh.refused.iter().any(|r| r.starts_with("replicas")),
-        "{fresh:?}"
-    );
+    // A new stream with three replicas on one server is an error at start.
+    let fresh = declare_stream(&js, messaging::USERS_STREAM, &third)
+        .await
+        .expect_err("one server cannot hold three copies");
+    assert!(fresh.to_string().contains("replicas"), "{fresh}");
 
     // A reader declaring the stream leaves the owner's settings alone.
     let mut read = ensure_stream(&js, ORDERS_STREAM, &StreamLimits::default()).await?;
