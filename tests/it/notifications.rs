@@ -486,3 +486,112 @@ fn order_hits(hits: &[testkit::Hit]) -> Vec<testkit::Hit> {
         .cloned()
         .collect()
 }
+
+/// Issue 13, defect 4: while an order's earlier event is still in flight,
+/// its later events are NAKed to wait, and each wait used to count as a
+/// delivery: with `APP_MAX_DELIVER` deliveries they were dead-lettered as
+/// "waited too long" although nothing was wrong with them. Waiting now
+/// spends nothing; only failures (and a long `APP_MAX_WAIT_SECS`) count.
+#[tokio::test]
+async fn waiting_for_the_previous_event_spends_no_delivery_attempts() -> anyhow::Result<()> {
+    use es_postgres::IntegrationMapper as _;
+    let stack = TestStack::start_configured(
+        |_| {},
+        |n| {
+            n.max_deliver = 2;
+            n.retry_base_ms = 20;
+            n.retry_max_ms = 40;
+        },
+    )
+    .await?;
+    let (user_id, token) = stack.signed_up_user().await?;
+    let order_id = uuid::Uuid::now_v7();
+    let event = |file: &str, version: i64| -> anyhow::Result<messaging::OutboundMessage> {
+        let path = format!(
+            "{}/../services/order/domain/fixtures/events/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let mut payload: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        payload["order_id"] = serde_json::json!(order_id);
+        payload["user_id"] = serde_json::json!(user_id);
+        let (event_type, schema_version) = if file.starts_with("order.created") {
+            ("order.created", 2)
+        } else {
+            ("order.paid", 1)
+        };
+        let recorded = es::RecordedEvent {
+            position: version,
+            event_id: uuid::Uuid::now_v7(),
+            stream_id: format!("order-{order_id}"),
+            version,
+            event_type: event_type.to_owned(),
+            schema_version,
+            payload,
+            occurred_at: chrono::Utc::now(),
+            context: es::EventContext {
+                correlation_id: uuid::Uuid::now_v7(),
+                causation_id: uuid::Uuid::now_v7(),
+                actor: user_id.clone(),
+                traceparent: None,
+            },
+        };
+        order_service::integration::OrderEvents
+            .map(&recorded)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .ok_or_else(|| anyhow::anyhow!("not published"))
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
+    // The second event arrives first, as after a consumer crash left the
+    // first in flight until its ack wait ran out.
+    messaging::publish_all(&js, &[event("order.paid.v1.json", 2)?]).await?;
+    let admin = stack.notification_admin;
+    eventually(
+        "the early event to wait through more deliveries than APP_MAX_DELIVER",
+        Duration::from_secs(20),
+        || async move {
+            let (_, text) = testkit::http_get(admin, "/metrics").await.ok()?;
+            let redelivered = testkit::metric(
+                &text,
+                "shop_consumer_redeliveries_total",
+                "name=\"notification-service-orders\"",
+            )?;
+            (redelivered >= 4.0).then_some(())
+        },
+    )
+    .await?;
+    messaging::publish_all(&js, &[event("order.created.v2.json", 1)?]).await?;
+    let notifications = stack.notifications().await?;
+    let types = eventually("both notifications", Duration::from_secs(20), || {
+        let mut notifications = notifications.clone();
+        let (token, user_id) = (token.clone(), user_id.clone());
+        async move {
+            let listed = notifications
+                .list_notifications(bearer(
+                    &token,
+                    ListNotificationsRequest {
+                        user_id,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .ok()?
+                .into_inner()
+                .notifications;
+            let types: Vec<String> = listed
+                .iter()
+                .filter(|n| n.event_type.starts_with("order."))
+                .map(|n| n.event_type.clone())
+                .collect();
+            (types.len() == 2).then_some(types)
+        }
+    })
+    .await?;
+    assert!(types.contains(&"order.paid".to_owned()), "{types:?}");
+    let letters = messaging::dlq::list(&js).await?;
+    assert!(
+        letters.is_empty(),
+        "nothing was wrong, nothing is dead: {letters:?}"
+    );
+    stack.stop().await;
+    Ok(())
+}

@@ -36,8 +36,13 @@ pub struct Settings {
     pub consumer_prefix: String,
     /// Seconds the server waits for an ack before redelivering.
     pub ack_wait_secs: u64,
-    /// `APP_MAX_DELIVER`: deliveries of one message before it is dead-lettered.
+    /// `APP_MAX_DELIVER`: failed attempts of one message before it is
+    /// dead-lettered (waiting for its order's previous event is not a failure).
     pub max_deliver: i64,
+    /// `APP_MAX_WAIT_SECS`: how long a message may wait for its order's
+    /// previous event (from when it was published) before it is
+    /// dead-lettered as "waited too long".
+    pub max_wait_secs: u64,
     /// `APP_CONSUMER_LANES`: messages handled at once per consumer, in
     /// parallel across orders (one order's messages always share a lane).
     pub consumer_lanes: usize,
@@ -121,6 +126,7 @@ impl Default for Settings {
             consumer_prefix: "notification-service".to_owned(),
             ack_wait_secs: 30,
             max_deliver: 8,
+            max_wait_secs: 600,
             consumer_lanes: 16,
             limits: UserLimits::default(),
             retry_base_ms: 500,

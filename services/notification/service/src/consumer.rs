@@ -6,10 +6,12 @@
 //! notifications of one order go out in event order, on any number of
 //! replicas); deliver on each channel not yet recorded for this event,
 //! recording each success; mark the version finished; ack. A failure NAKs
-//! with a capped, jittered exponential delay; after `max_deliver` deliveries
-//! (or at once, for a message that cannot be decoded) the message goes to
-//! the dead-letter stream with its reason and is terminated, and its order
-//! moves on. A poison message blocks nothing behind it on other orders.
+//! with a capped, jittered exponential delay; after `max_deliver` failed
+//! attempts (counted in Postgres: waiting for the previous event is not a
+//! failure and spends nothing), or once it has waited `max_wait` for its
+//! predecessor, or at once for a message that cannot be decoded, the message
+//! goes to the dead-letter stream with its reason and is terminated, and its
+//! order moves on. A poison message blocks nothing behind it on other orders.
 
 use std::time::Duration;
 
@@ -221,7 +223,10 @@ pub struct Deliverer {
     pub mailer: Option<Mailer>,
     pub webhooks: Option<WebhookSender>,
     pub backoff: Backoff,
+    /// Failed attempts before a message is dead-lettered.
     pub max_deliver: i64,
+    /// How long a message may wait for its order's previous event.
+    pub max_wait: Duration,
     /// Messages handled at once per consumer (see [`run`]).
     pub lanes: usize,
     pub pause_before_ack: Duration,
@@ -425,6 +430,82 @@ impl Deliverer {
         Ok(())
     }
 
+    /// After a failed or waiting attempt: NAK with a delay, or dead-letter
+    /// and terminate once the message has failed `max_deliver` times or
+    /// waited `max_wait` for its order's previous event.
+    async fn retry_or_give_up(
+        &self,
+        consumer: &str,
+        message: &jetstream::Message,
+        decoded: &Decoded,
+        attempts: i64,
+        problem: &Problem,
+    ) -> AckKind {
+        let subject = message.subject.as_str();
+        let (give_up, reason, delay) = match problem {
+            Problem::Waiting(_) => {
+                let published = message.info().map_or(0, |i| i.published.unix_timestamp());
+                let waited = Utc::now().timestamp().saturating_sub(published);
+                let waited = Duration::from_secs(u64::try_from(waited).unwrap_or(0));
+                // Predecessors come back within an ack wait: poll gently,
+                // without growing the delay as for failures.
+                (
+                    waited >= self.max_wait,
+                    "waited too long",
+                    self.backoff.delay(0),
+                )
+            }
+            Problem::Failed(text) => {
+                // Fall back on JetStream's count if Postgres cannot count.
+                let failures = self
+                    .store
+                    .count_failure(consumer, decoded.event_id, text)
+                    .await
+                    .unwrap_or(attempts);
+                let attempt = u32::try_from(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+                (
+                    failures >= self.max_deliver,
+                    "max deliveries reached",
+                    self.backoff.delay(attempt),
+                )
+            }
+        };
+        if give_up {
+            return match self
+                .dead_letter(
+                    message,
+                    consumer,
+                    reason,
+                    attempts,
+                    problem.text(),
+                    decoded.order,
+                )
+                .await
+            {
+                Ok(()) => {
+                    if let Err(error) = self.store.forget_failures(consumer, decoded.event_id).await
+                    {
+                        tracing::debug!(%error, "failure count left behind");
+                    }
+                    AckKind::Term
+                }
+                Err(e) => {
+                    tracing::warn!(error = e.text(), "cannot dead-letter; will retry");
+                    AckKind::Nak(Some(self.backoff.delay(0)))
+                }
+            };
+        }
+        tracing::warn!(
+            %subject,
+            event_id = %decoded.event_id,
+            attempts,
+            ?delay,
+            problem = problem.text(),
+            "notification not delivered yet; retrying"
+        );
+        AckKind::Nak(Some(delay))
+    }
+
     /// Handles one message: ack, NAK with delay, or dead-letter and terminate.
     pub async fn handle(&self, consumer: &str, message: jetstream::Message) {
         // Continue the trace the relay put in the message headers.
@@ -474,46 +555,20 @@ impl Deliverer {
             }
             Ok(Some(decoded)) => match self.process(&subject, &decoded, redriven).await {
                 Ok(()) => {
+                    if attempts > 1
+                        && let Err(error) =
+                            self.store.forget_failures(consumer, decoded.event_id).await
+                    {
+                        tracing::debug!(%error, "failure count left behind");
+                    }
                     if !self.pause_before_ack.is_zero() {
                         tokio::time::sleep(self.pause_before_ack).await;
                     }
                     AckKind::Ack
                 }
-                Err(problem) if attempts >= self.max_deliver => {
-                    let reason = match problem {
-                        Problem::Waiting(_) => "waited too long",
-                        Problem::Failed(_) => "max deliveries reached",
-                    };
-                    match self
-                        .dead_letter(
-                            &message,
-                            consumer,
-                            reason,
-                            attempts,
-                            problem.text(),
-                            decoded.order,
-                        )
-                        .await
-                    {
-                        Ok(()) => AckKind::Term,
-                        Err(e) => {
-                            tracing::warn!(error = e.text(), "cannot dead-letter; will retry");
-                            AckKind::Nak(Some(self.backoff.delay(0)))
-                        }
-                    }
-                }
                 Err(problem) => {
-                    let attempt = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
-                    let delay = self.backoff.delay(attempt);
-                    tracing::warn!(
-                        %subject,
-                        event_id = %decoded.event_id,
-                        attempts,
-                        ?delay,
-                        problem = problem.text(),
-                        "notification not delivered yet; retrying"
-                    );
-                    AckKind::Nak(Some(delay))
+                    self.retry_or_give_up(consumer, &message, &decoded, attempts, &problem)
+                        .await
                 }
             },
         };

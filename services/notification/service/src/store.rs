@@ -180,6 +180,48 @@ impl NotificationStore {
         Ok(())
     }
 
+    /// Counts one failed attempt of `event_id` on `consumer`; returns how
+    /// many there have been.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn count_failure(
+        &self,
+        consumer: &str,
+        event_id: Uuid,
+        error: &str,
+    ) -> Result<i64, sqlx::Error> {
+        let failures: i32 = sqlx::query_scalar(
+            "INSERT INTO delivery_failures (consumer, event_id, failures, last_error) \
+             VALUES ($1, $2, 1, $3) \
+             ON CONFLICT (consumer, event_id) DO UPDATE \
+               SET failures = delivery_failures.failures + 1, last_error = EXCLUDED.last_error, \
+                   updated_at = now() \
+             RETURNING failures",
+        )
+        .bind(consumer)
+        .bind(event_id)
+        .bind(error)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(i64::from(failures))
+    }
+
+    /// Forgets the failures of a message that is done (delivered or dead).
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn forget_failures(&self, consumer: &str, event_id: Uuid) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM delivery_failures WHERE consumer = $1 AND event_id = $2")
+            .bind(consumer)
+            .bind(event_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// A user's email address, if `user.created` was seen.
     ///
     /// # Errors
