@@ -487,6 +487,104 @@ fn order_hits(hits: &[testkit::Hit]) -> Vec<testkit::Hit> {
         .collect()
 }
 
+/// An order event as order-service's relay would publish it, built from a
+/// stored-event fixture for `order_id` of `user_id`.
+fn crafted(
+    user_id: &str,
+    order_id: uuid::Uuid,
+    file: &str,
+    version: i64,
+) -> anyhow::Result<messaging::OutboundMessage> {
+    use es_postgres::IntegrationMapper as _;
+    let path = format!(
+        "{}/../services/order/domain/fixtures/events/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut payload: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    payload["order_id"] = serde_json::json!(order_id);
+    payload["user_id"] = serde_json::json!(user_id);
+    let (stem, schema) = file
+        .trim_end_matches(".json")
+        .rsplit_once(".v")
+        .ok_or_else(|| anyhow::anyhow!("{file}"))?;
+    let recorded = es::RecordedEvent {
+        position: version,
+        event_id: uuid::Uuid::now_v7(),
+        stream_id: format!("order-{order_id}"),
+        version,
+        event_type: stem.to_owned(),
+        schema_version: schema.parse()?,
+        payload,
+        occurred_at: chrono::Utc::now(),
+        context: es::EventContext {
+            correlation_id: uuid::Uuid::now_v7(),
+            causation_id: uuid::Uuid::now_v7(),
+            actor: user_id.to_owned(),
+            traceparent: None,
+        },
+    };
+    order_service::integration::OrderEvents
+        .map(&recorded)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .ok_or_else(|| anyhow::anyhow!("not published"))
+}
+
+/// Issue 13, defect 6: a redelivered event (a crash before the ack, a
+/// republish past the duplicate window) counted as `delivered` again. It
+/// now counts as `duplicate`, and nothing goes out twice.
+#[tokio::test]
+async fn a_redelivered_event_counts_as_a_duplicate_not_a_delivery() -> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let (user_id, token) = stack.signed_up_user().await?;
+    let first = crafted(&user_id, uuid::Uuid::now_v7(), "order.created.v2.json", 1)?;
+    let mut again = first.clone();
+    again.message_id = uuid::Uuid::now_v7().to_string(); // past JetStream's dedup
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
+    messaging::publish_all(&js, &[first]).await?;
+    let admin = stack.notification_admin;
+    let count = |outcome: &'static str| async move {
+        let (_, text) = testkit::http_get(admin, "/metrics").await.ok()?;
+        testkit::metric(
+            &text,
+            "shop_events_consumed_total",
+            &format!("type=\"order.created\",outcome=\"{outcome}\""),
+        )
+    };
+    eventually("the delivery", Duration::from_secs(15), || async move {
+        (count("delivered").await? >= 1.0).then_some(())
+    })
+    .await?;
+    messaging::publish_all(&js, &[again]).await?;
+    eventually("the duplicate", Duration::from_secs(15), || async move {
+        (count("duplicate").await? >= 1.0).then_some(())
+    })
+    .await?;
+    assert_eq!(count("delivered").await, Some(1.0), "delivered once");
+    let listed = stack
+        .notifications()
+        .await?
+        .list_notifications(bearer(
+            &token,
+            ListNotificationsRequest {
+                user_id,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .notifications;
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|n| n.event_type == "order.created")
+            .count(),
+        1,
+        "{listed:?}"
+    );
+    stack.stop().await;
+    Ok(())
+}
+
 /// Issue 13, defect 4: while an order's earlier event is still in flight,
 /// its later events are NAKed to wait, and each wait used to count as a
 /// delivery: with `APP_MAX_DELIVER` deliveries they were dead-lettered as
@@ -494,7 +592,6 @@ fn order_hits(hits: &[testkit::Hit]) -> Vec<testkit::Hit> {
 /// spends nothing; only failures (and a long `APP_MAX_WAIT_SECS`) count.
 #[tokio::test]
 async fn waiting_for_the_previous_event_spends_no_delivery_attempts() -> anyhow::Result<()> {
-    use es_postgres::IntegrationMapper as _;
     let stack = TestStack::start_configured(
         |_| {},
         |n| {
@@ -506,40 +603,7 @@ async fn waiting_for_the_previous_event_spends_no_delivery_attempts() -> anyhow:
     .await?;
     let (user_id, token) = stack.signed_up_user().await?;
     let order_id = uuid::Uuid::now_v7();
-    let event = |file: &str, version: i64| -> anyhow::Result<messaging::OutboundMessage> {
-        let path = format!(
-            "{}/../services/order/domain/fixtures/events/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let mut payload: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-        payload["order_id"] = serde_json::json!(order_id);
-        payload["user_id"] = serde_json::json!(user_id);
-        let (event_type, schema_version) = if file.starts_with("order.created") {
-            ("order.created", 2)
-        } else {
-            ("order.paid", 1)
-        };
-        let recorded = es::RecordedEvent {
-            position: version,
-            event_id: uuid::Uuid::now_v7(),
-            stream_id: format!("order-{order_id}"),
-            version,
-            event_type: event_type.to_owned(),
-            schema_version,
-            payload,
-            occurred_at: chrono::Utc::now(),
-            context: es::EventContext {
-                correlation_id: uuid::Uuid::now_v7(),
-                causation_id: uuid::Uuid::now_v7(),
-                actor: user_id.clone(),
-                traceparent: None,
-            },
-        };
-        order_service::integration::OrderEvents
-            .map(&recorded)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?
-            .ok_or_else(|| anyhow::anyhow!("not published"))
-    };
+    let event = |file: &str, version: i64| crafted(&user_id, order_id, file, version);
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
     // The second event arrives first, as after a consumer crash left the
     // first in flight until its ack wait ran out.

@@ -255,12 +255,13 @@ impl Deliverer {
     /// one write (the log record and the finished version), COMMIT. An
     /// email or webhook success is recorded at once on its own, so a later
     /// channel's failure never makes it go out twice.
+    /// `Ok(true)` for a duplicate: everything it causes was done before.
     async fn process(
         &self,
         subject: &str,
         decoded: &Decoded,
         redriven: bool,
-    ) -> Result<(), Problem> {
+    ) -> Result<bool, Problem> {
         if let Some(Trigger::UserCreated { user_id, email }) = &decoded.trigger {
             self.store.remember_recipient(*user_id, email).await?;
         }
@@ -282,7 +283,7 @@ impl Deliverer {
         .await?;
         if let Some((order_id, version)) = gated {
             if version <= known.last_version {
-                return Ok(()); // finished before: a redelivery
+                return Ok(true); // finished before: a redelivery
             }
             if version > known.last_version + 1 {
                 return Err(Problem::Waiting(format!(
@@ -291,19 +292,20 @@ impl Deliverer {
                 )));
             }
         }
-        let (log, outcome) = match &rendered {
+        let (log, sent, outcome) = match &rendered {
             Some((trigger, message)) => {
                 self.deliver(subject, decoded, trigger, message, &known)
                     .await?
             }
-            None => (None, Ok(())),
+            None => (None, 0, Ok(())),
         };
+        let duplicate = sent == 0 && !known.delivered_channels.is_empty();
         // The log record commits even when another channel failed (so the
         // log line is not written twice); the version finishes only on success.
         let finished = gated.filter(|_| outcome.is_ok());
         store::finish(&mut tx, log.as_ref(), finished).await?;
         tx.commit().await?;
-        outcome
+        outcome.map(|()| duplicate)
     }
 
     /// Delivers on every channel not yet done. Returns the log channel's
@@ -315,7 +317,7 @@ impl Deliverer {
         trigger: &Trigger,
         message: &notification_domain::Message,
         known: &store::Known,
-    ) -> Result<(Option<Delivered>, Result<(), Problem>), Problem> {
+    ) -> Result<(Option<Delivered>, usize, Result<(), Problem>), Problem> {
         let outgoing = Outgoing {
             event_id: decoded.event_id,
             event_type: subject,
@@ -337,6 +339,7 @@ impl Deliverer {
             body: message.body.clone(),
         };
         let mut problems = Vec::new();
+        let mut sent = 0;
         let log = Channel::Log.name();
         let mut log_record = None;
         if self.log && !done.contains(&log) {
@@ -353,6 +356,7 @@ impl Deliverer {
             // address): only at debug level.
             tracing::debug!(event_id = %decoded.event_id, body = %message.body, "notification body");
             log_record = Some(record(log, None));
+            sent += 1;
         }
         let email = Channel::Email.name();
         if let Some(mailer) = &self.mailer
@@ -367,6 +371,7 @@ impl Deliverer {
                         self.store
                             .record(&record(email.clone(), Some(address.clone())))
                             .await?;
+                        sent += 1;
                     }
                     Err(error) => problems.push(Problem::Failed(error.to_string())),
                 },
@@ -383,6 +388,7 @@ impl Deliverer {
                         self.store
                             .record(&record(channel, Some(hook.url.clone())))
                             .await?;
+                        sent += 1;
                     }
                     Err(error) => problems.push(Problem::Failed(error.to_string())),
                 }
@@ -392,7 +398,7 @@ impl Deliverer {
             None => Ok(()),
             Some(problem) => Err(problem),
         };
-        Ok((log_record, outcome))
+        Ok((log_record, sent, outcome))
     }
 
     /// Dead-letters the message and lets its order move on.
@@ -532,6 +538,7 @@ impl Deliverer {
             .headers
             .as_ref()
             .is_some_and(|h| h.get(dlq::headers::REDRIVEN_FROM).is_some());
+        let mut duplicate = false;
         let outcome = match decode(&subject, &message.payload) {
             Ok(None) => AckKind::Ack,
             Err(error) => {
@@ -554,7 +561,8 @@ impl Deliverer {
                 }
             }
             Ok(Some(decoded)) => match self.process(&subject, &decoded, redriven).await {
-                Ok(()) => {
+                Ok(was_duplicate) => {
+                    duplicate = was_duplicate;
                     if attempts > 1
                         && let Err(error) =
                             self.store.forget_failures(consumer, decoded.event_id).await
@@ -574,6 +582,8 @@ impl Deliverer {
         };
         let counted = match &outcome {
             AckKind::Ack if !self.store_known(&subject) => "ignored",
+            // Redelivered (a crash before the ack, a republish): done before.
+            AckKind::Ack if duplicate => "duplicate",
             AckKind::Ack => "delivered",
             AckKind::Term => "dead_lettered",
             _ => "retried",
