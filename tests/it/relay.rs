@@ -28,6 +28,9 @@ struct Everything {
     refuse: Arc<Mutex<Option<String>>>,
     /// Slows mapping so a test can interrupt the relay part-way.
     delay: Duration,
+    /// While it names a stream, its events go to a subject no stream
+    /// takes: JetStream refuses that one publish, the rest of the batch lands.
+    misroute: Arc<Mutex<Option<String>>>,
 }
 
 impl IntegrationMapper for Everything {
@@ -42,8 +45,15 @@ impl IntegrationMapper for Everything {
                 reason: "refused by the test".to_owned(),
             });
         }
+        let misrouted =
+            self.misroute.lock().expect("lock").as_deref() == Some(event.stream_id.as_str());
         Ok(Some(OutboundMessage {
-            subject: "gap.event".to_owned(),
+            subject: if misrouted {
+                "nowhere.event"
+            } else {
+                "gap.event"
+            }
+            .to_owned(),
             message_id: event.event_id.to_string(),
             headers: vec![],
             payload: event.event_id.to_string().into(),
@@ -322,6 +332,66 @@ async fn a_relay_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Res
     assert_eq!(published.len(), 3000);
     assert_eq!(
         published.into_iter().collect::<HashSet<_>>(),
+        all_event_ids(&setup.pool).await?
+    );
+    shutdown.cancel();
+    relay.await?;
+    Ok(())
+}
+
+/// Issue 13, defect 5: one publish of a batch failing made the relay
+/// publish the whole batch again; past the duplicate window the events that
+/// had landed landed twice. Now the checkpoint moves past what landed in
+/// order, what landed after the failure is remembered, and only the failed
+/// publish is retried: every event exactly once, even with a 1 s window.
+#[tokio::test]
+async fn a_partly_failed_batch_republishes_only_what_did_not_land() -> anyhow::Result<()> {
+    let setup = setup().await?;
+    messaging::declare_stream(
+        &setup.js,
+        GAP_STREAM,
+        &messaging::StreamLimits {
+            duplicate_window_secs: 1,
+            ..messaging::StreamLimits::default()
+        },
+    )
+    .await?;
+    let store = es_postgres::EventStore::new(setup.pool.clone());
+    let context = EventContext::new("test");
+    for (stream, count) in [("a-1", 3), ("b-1", 1), ("a-2", 2)] {
+        let events: Vec<NewEvent> = (0..count).map(|_| new_event()).collect();
+        store
+            .append(stream, 0, &events, &context, None, None)
+            .await?;
+    }
+    let mapper = Everything::default();
+    *mapper.misroute.lock().expect("lock") = Some("b-1".to_owned());
+    let (shutdown, relay) = start_relay(&setup, mapper.clone());
+    // Retries every 100 ms for 2.5 s: well past the 1 s duplicate window.
+    eventually(
+        "the five others to land",
+        Duration::from_secs(10),
+        || async { (stream_count(&setup.js).await >= 5).then_some(()) },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    *mapper.misroute.lock().expect("lock") = None;
+    eventually(
+        "the misrouted one to land",
+        Duration::from_secs(10),
+        || async { (stream_count(&setup.js).await >= 6).then_some(()) },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let published = published(&setup.js).await?;
+    let unique: HashSet<&String> = published.iter().collect();
+    assert_eq!(
+        (published.len(), unique.len()),
+        (6, 6),
+        "each event once: {published:?}"
+    );
+    assert_eq!(
+        unique.into_iter().cloned().collect::<HashSet<_>>(),
         all_event_ids(&setup.pool).await?
     );
     shutdown.cancel();

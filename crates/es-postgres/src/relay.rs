@@ -3,8 +3,12 @@
 //!
 //! Publishes are pipelined and every ack is awaited before the checkpoint
 //! moves, so a crash republishes at most one batch, which JetStream drops as
-//! duplicates (`Nats-Msg-Id` = event id). [`republish`] replays a range from
-//! Postgres when JetStream lost messages.
+//! duplicates (`Nats-Msg-Id` = event id). When only some publishes of a
+//! batch fail, the checkpoint moves past those that landed in order and
+//! the retry publishes only what did not land (a retry long after the
+//! duplicate window would otherwise land the rest twice). Acks JetStream
+//! marks as duplicates are counted (`shop_relay_duplicates_total`).
+//! [`republish`] replays a range from Postgres when JetStream lost messages.
 
 use async_nats::jetstream;
 use es::RecordedEvent;
@@ -61,6 +65,11 @@ pub struct Relay<M> {
     /// When the backlog was last measured (at most once per
     /// [`LAG_EVERY`], not on every wake-up).
     lag_measured: Option<std::time::Instant>,
+    /// Messages JetStream acknowledged in a batch that failed part-way and
+    /// whose checkpoint could not move past them yet: the retry skips them,
+    /// so only what did not land is published again (issue 13: a whole
+    /// batch republished past the duplicate window landed twice).
+    acked: std::collections::HashSet<String>,
 }
 
 /// How often the relay measures its backlog for the lag metrics.
@@ -89,12 +98,14 @@ impl<M: IntegrationMapper> Relay<M> {
             config,
             metrics: None,
             lag_measured: None,
+            acked: std::collections::HashSet::new(),
         }
     }
 
     /// Reports published events and the backlog to `metrics`.
     #[must_use]
     pub fn with_metrics(mut self, metrics: platform::metrics::Metrics) -> Self {
+        metrics.init_relay(&self.config.name);
         self.metrics = Some(metrics);
         self
     }
@@ -104,6 +115,21 @@ impl<M: IntegrationMapper> Relay<M> {
         let tail_config = self.config.tail.clone();
         let url = self.database_url.clone();
         tail::run(url, self, tail_config, shutdown).await;
+    }
+}
+
+impl<M: IntegrationMapper> Relay<M> {
+    async fn checkpoint(&self, conn: &mut PgConnection, cursor: &Cursor) -> Result<(), TailError> {
+        sqlx::query(
+            "INSERT INTO outbox_checkpoints (name, tx_id, position) VALUES ($1, $2::text::xid8, $3) \
+             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()",
+        )
+        .bind(&self.config.name)
+        .bind(&cursor.tx_id)
+        .bind(cursor.position)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 }
 
@@ -171,7 +197,9 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
         // context replaces the stored traceparent in the NATS headers, so the
         // consumer's span hangs below it. The spans end once JetStream acked.
         let mut spans = Vec::with_capacity(batch.len());
-        let mut messages = Vec::with_capacity(batch.len());
+        // The message of each event of the batch (None: private, or acked
+        // by JetStream in an earlier, partly failed attempt).
+        let mut messages: Vec<Option<OutboundMessage>> = Vec::with_capacity(batch.len());
         for (_, event) in batch {
             let span = tracing::info_span!(
                 "relay.publish",
@@ -202,28 +230,58 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
                     })
                 })
             });
-            if let Some(message) = mapped.map_err(TailError::new)? {
-                messages.push(message);
-            }
+            let message = mapped
+                .map_err(TailError::new)?
+                .filter(|m| !self.acked.contains(&m.message_id));
+            messages.push(message);
             spans.push(span);
         }
-        messaging::publish_all(&self.js, &messages)
+        let to_send: Vec<OutboundMessage> = messages.iter().flatten().cloned().collect();
+        let mut results = messaging::publish_each(&self.js, &to_send)
             .await
-            .map_err(TailError::new)?;
-        if let Some(metrics) = &self.metrics {
-            for message in &messages {
-                metrics.event_published(&message.subject);
+            .into_iter();
+        // Whether each event of the batch is in JetStream now.
+        let mut landed = Vec::with_capacity(batch.len());
+        let mut first_error = None;
+        for message in &messages {
+            let Some(message) = message else {
+                landed.push(true);
+                continue;
+            };
+            match results.next() {
+                Some(Ok(ack)) => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.event_published(&message.subject);
+                        if ack.duplicate {
+                            metrics.relay_duplicate(&self.config.name);
+                        }
+                    }
+                    landed.push(true);
+                }
+                Some(Err(error)) => {
+                    first_error.get_or_insert(error);
+                    landed.push(false);
+                }
+                None => landed.push(false),
             }
         }
-        sqlx::query(
-            "INSERT INTO outbox_checkpoints (name, tx_id, position) VALUES ($1, $2::text::xid8, $3) \
-             ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()",
-        )
-        .bind(&self.config.name)
-        .bind(&last.tx_id)
-        .bind(last.position)
-        .execute(conn)
-        .await?;
+        // The checkpoint moves past the events that landed in order; those
+        // that landed after a failure are remembered, not republished.
+        let prefix = landed.iter().take_while(|ok| **ok).count();
+        let through = prefix.checked_sub(1).map(|i| &batch[i].0);
+        if let Some(error) = first_error {
+            for (message, ok) in messages.iter().zip(&landed).skip(prefix) {
+                if let (Some(message), true) = (message, ok) {
+                    self.acked.insert(message.message_id.clone());
+                }
+            }
+            if let Some(cursor) = through {
+                self.checkpoint(conn, cursor).await?;
+            }
+            return Err(TailError::new(error));
+        }
+        self.acked.clear();
+        self.checkpoint(conn, last).await?;
         tracing::debug!(relay = %self.config.name, count = batch.len(), "published");
         Ok(())
     }

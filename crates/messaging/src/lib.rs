@@ -329,17 +329,14 @@ pub struct OutboundMessage {
     pub payload: Bytes,
 }
 
-/// Publishes every message without waiting in between, then awaits all acks
-/// (pipelined: one round trip's latency for the whole batch).
-///
-/// # Errors
-///
-/// Fails on the first message JetStream did not acknowledge; the caller
-/// republishes the batch, and dedup absorbs what had already landed.
-pub async fn publish_all(
+/// Publishes every message without waiting in between, then awaits every
+/// ack (pipelined: one round trip's latency for the whole batch). One
+/// result per message, in order: a caller can tell exactly which landed
+/// and republish only the others.
+pub async fn publish_each(
     js: &jetstream::Context,
     messages: &[OutboundMessage],
-) -> Result<Vec<PublishAck>, MessagingError> {
+) -> Vec<Result<PublishAck, MessagingError>> {
     let mut pending = Vec::with_capacity(messages.len());
     for message in messages {
         // One header map with everything: `PublishMessage::headers` replaces
@@ -352,21 +349,39 @@ pub async fn publish_all(
         let publish = PublishMessage::build()
             .payload(message.payload.clone())
             .headers(headers);
-        let ack = js
-            .send_publish(message.subject.clone(), publish)
-            .await
-            .map_err(|source| MessagingError::Publish {
+        let error = |source| MessagingError::Publish {
+            subject: message.subject.clone(),
+            source,
+        };
+        pending.push(
+            js.send_publish(message.subject.clone(), publish)
+                .await
+                .map_err(error),
+        );
+    }
+    let mut results = Vec::with_capacity(pending.len());
+    for (message, sent) in messages.iter().zip(pending) {
+        results.push(match sent {
+            Ok(ack) => ack.await.map_err(|source| MessagingError::Publish {
                 subject: message.subject.clone(),
                 source,
-            })?;
-        pending.push((message.subject.as_str(), ack));
+            }),
+            Err(error) => Err(error),
+        });
     }
-    let mut acks = Vec::with_capacity(pending.len());
-    for (subject, ack) in pending {
-        acks.push(ack.await.map_err(|source| MessagingError::Publish {
-            subject: subject.to_owned(),
-            source,
-        })?);
-    }
-    Ok(acks)
+    results
+}
+
+/// Publishes every message without waiting in between, then awaits all acks
+/// (pipelined: one round trip's latency for the whole batch).
+///
+/// # Errors
+///
+/// Fails on the first message JetStream did not acknowledge; the caller
+/// republishes the batch, and dedup absorbs what had already landed.
+pub async fn publish_all(
+    js: &jetstream::Context,
+    messages: &[OutboundMessage],
+) -> Result<Vec<PublishAck>, MessagingError> {
+    publish_each(js, messages).await.into_iter().collect()
 }

@@ -72,6 +72,7 @@ pub struct Metrics {
     events_published: Family<EventType, Counter>,
     events_consumed: Family<Consumed, Counter>,
     relay_lag_events: Family<Name, Gauge>,
+    relay_duplicates: Family<Name, Counter>,
     relay_lag_seconds: Family<Name, Gauge<f64, std::sync::atomic::AtomicU64>>,
     consumer_pending: Family<Name, Gauge>,
     consumer_redeliveries: Family<Name, Counter>,
@@ -105,6 +106,7 @@ impl Metrics {
             events_published: Family::default(),
             events_consumed: Family::default(),
             relay_lag_events: Family::default(),
+            relay_duplicates: Family::default(),
             relay_lag_seconds: Family::default(),
             consumer_pending: Family::default(),
             consumer_redeliveries: Family::default(),
@@ -151,6 +153,11 @@ impl Metrics {
             "events_consumed",
             "Integration events consumed, by type and outcome (delivered, duplicate, retried, dead_lettered, ignored)",
             metrics.events_consumed.clone(),
+        );
+        registry.register(
+            "relay_duplicates",
+            "Publishes JetStream dropped as duplicates of a message it already had",
+            metrics.relay_duplicates.clone(),
         );
         registry.register(
             "relay_lag_events",
@@ -205,6 +212,23 @@ impl Metrics {
                 dependency: dependency.to_owned(),
             })
             .set(i64::from(up));
+    }
+
+    /// Exports the relay's counters at zero before anything happened.
+    pub fn init_relay(&self, relay: &str) {
+        let _ = self.relay_duplicates.get_or_create(&Name {
+            name: relay.to_owned(),
+        });
+    }
+
+    /// A publish JetStream acknowledged as a duplicate of a message it
+    /// already had (dropped, within the stream's duplicate window).
+    pub fn relay_duplicate(&self, relay: &str) {
+        self.relay_duplicates
+            .get_or_create(&Name {
+                name: relay.to_owned(),
+            })
+            .inc();
     }
 
     /// Records one served gRPC call.
