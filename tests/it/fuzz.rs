@@ -68,10 +68,24 @@ fn samples<T: std::fmt::Debug>(strategy: impl Strategy<Value = T>) -> Vec<T> {
         .collect()
 }
 
-/// The answer to arbitrary input must be a deliberate one.
+/// The answer to arbitrary input must be a deliberate one: success only
+/// where `may_succeed` says the input is acceptable, and every refusal a
+/// deliberate code (never INTERNAL or UNKNOWN), INVALID_ARGUMENT naming
+/// its fields.
 #[track_caller]
-fn check<T: std::fmt::Debug>(rpc: &str, input: &impl std::fmt::Debug, result: Result<T, Status>) {
-    let Err(status) = result else { return };
+fn check<T: std::fmt::Debug>(
+    rpc: &str,
+    input: &impl std::fmt::Debug,
+    may_succeed: bool,
+    result: Result<T, Status>,
+) {
+    let status = match result {
+        Ok(answer) => {
+            assert!(may_succeed, "{rpc}({input:?}) accepted: {answer:?}");
+            return;
+        }
+        Err(status) => status,
+    };
     assert!(
         !matches!(status.code(), Code::Internal | Code::Unknown),
         "{rpc}({input:?}) -> {status:?}"
@@ -118,10 +132,14 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
 
     for (email, password) in samples((text(), text())) {
         let request = CreateUserRequest { email, password };
+        let created = users.create_user(request.clone()).await;
+        let signed_up = created.is_ok();
         check(
             "CreateUser",
             &request,
-            users.create_user(request.clone()).await,
+            user_domain::Email::parse(&request.email).is_ok()
+                && user_domain::Password::parse(&request.password).is_ok(),
+            created,
         );
         let request = AuthenticateRequest {
             email: request.email,
@@ -130,6 +148,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "Authenticate",
             &request,
+            signed_up,
             users.authenticate(request.clone()).await,
         );
     }
@@ -140,12 +159,14 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "ValidateToken",
             &request,
+            false,
             users.validate_token(request.clone()).await,
         );
         let request = GetUserRequest { user_id: raw };
         check(
             "GetUser",
             &request,
+            false,
             users.get_user(bearer(&token, request.clone())).await,
         );
     }
@@ -159,6 +180,9 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "CreateOrder",
             &request,
+            !request.items.is_empty()
+                && request.shipping_address.is_some()
+                && order_domain::Currency::parse(&request.currency).is_ok(),
             orders.create_order(bearer(&token, request.clone())).await,
         );
     }
@@ -173,6 +197,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "PayOrder",
             &pay,
+            false, // no such order of the caller's
             orders.pay_order(bearer(&token, pay.clone())).await,
         );
         let ship = ShipOrderRequest {
@@ -185,6 +210,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "ShipOrder",
             &ship,
+            false, // no such order of the caller's
             orders.ship_order(bearer(&token, ship.clone())).await,
         );
         let deliver = DeliverOrderRequest {
@@ -195,6 +221,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "DeliverOrder",
             &deliver,
+            false, // no such order of the caller's
             orders.deliver_order(bearer(&token, deliver.clone())).await,
         );
         let cancel = CancelOrderRequest {
@@ -206,6 +233,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "CancelOrder",
             &cancel,
+            false, // no such order of the caller's
             orders.cancel_order(bearer(&token, cancel.clone())).await,
         );
         let get = GetOrderRequest {
@@ -215,6 +243,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "GetOrder",
             &get,
+            false, // no such order of the caller's
             orders.get_order(bearer(&token, get.clone())).await,
         );
         let history = GetOrderHistoryRequest {
@@ -223,6 +252,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "GetOrderHistory",
             &history,
+            false, // no such order of the caller's
             orders
                 .get_order_history(bearer(&token, history.clone()))
                 .await,
@@ -241,6 +271,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "GetOrderAt",
             &at,
+            false, // no such order of the caller's
             orders.get_order_at(bearer(&token, at.clone())).await,
         );
     }
@@ -254,6 +285,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "ListOrders",
             &list,
+            (0..=100).contains(&list.page_size),
             orders.list_orders(bearer(&token, list.clone())).await,
         );
         let list = ListNotificationsRequest {
@@ -264,6 +296,7 @@ async fn arbitrary_requests_to_every_rpc_get_deliberate_answers() -> anyhow::Res
         check(
             "ListNotifications",
             &list,
+            (0..=100).contains(&list.page_size),
             notifications
                 .list_notifications(bearer(&token, list.clone()))
                 .await,

@@ -31,6 +31,8 @@ struct Everything {
     /// While it names a stream, its events go to a subject no stream
     /// takes: JetStream refuses that one publish, the rest of the batch lands.
     misroute: Arc<Mutex<Option<String>>>,
+    /// How many times an event was refused (the relay retried it).
+    refusals: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl IntegrationMapper for Everything {
@@ -39,6 +41,8 @@ impl IntegrationMapper for Everything {
             std::thread::sleep(self.delay);
         }
         if self.refuse.lock().expect("lock").as_deref() == Some(event.stream_id.as_str()) {
+            self.refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(MapError {
                 event_id: event.event_id,
                 event_type: event.event_type.clone(),
@@ -150,6 +154,33 @@ async fn stream_count(js: &jetstream::Context) -> u64 {
     }
 }
 
+/// Waits until the relay's checkpoint is past every event: from then on it
+/// has nothing left to publish, so counting the stream is final (a positive
+/// signal instead of a settle-sleep before an absence check).
+async fn caught_up(setup: &Setup) -> anyhow::Result<()> {
+    eventually(
+        "the relay's checkpoint past every event",
+        Duration::from_secs(30),
+        || async {
+            let behind: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM events e, outbox_checkpoints c \
+                 WHERE c.name = 'gap-test' AND (e.tx_id, e.position) > (c.tx_id, c.position)",
+            )
+            .fetch_one(&setup.pool)
+            .await
+            .ok()?;
+            let checkpointed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox_checkpoints WHERE name = 'gap-test'",
+            )
+            .fetch_one(&setup.pool)
+            .await
+            .ok()?;
+            (checkpointed == 1 && behind == 0).then_some(())
+        },
+    )
+    .await
+}
+
 async fn all_event_ids(pool: &sqlx::PgPool) -> anyhow::Result<HashSet<String>> {
     let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM events")
         .fetch_all(pool)
@@ -204,24 +235,38 @@ async fn a_transaction_that_commits_late_is_never_skipped() -> anyhow::Result<()
         appender.await?;
     }
 
-    // What a naive cursor would have seen and remembered during the hold.
-    let naive_last: i64 = sqlx::query_scalar("SELECT max(position) FROM events")
-        .fetch_one(&setup.pool)
+    // A naive reader (`position > last`, as most outbox pollers do), run for
+    // real: it polls during the hold and after the commit.
+    let mut naive_seen = HashSet::new();
+    let mut naive_last = 0_i64;
+    let naive_poll = async |last: &mut i64, seen: &mut HashSet<String>| -> anyhow::Result<()> {
+        let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+            "SELECT event_id, position FROM events WHERE position > $1 ORDER BY position",
+        )
+        .bind(*last)
+        .fetch_all(&setup.pool)
         .await?;
+        for (id, position) in rows {
+            seen.insert(id.to_string());
+            *last = (*last).max(position);
+        }
+        Ok(())
+    };
+    naive_poll(&mut naive_last, &mut naive_seen).await?;
     assert!(
         naive_last > late.position,
         "the late event's position is below the naive cursor"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     slow.commit().await?;
-    let naive_next: Vec<i64> =
-        sqlx::query_scalar("SELECT position FROM events WHERE position > $1")
-            .bind(naive_last)
-            .fetch_all(&setup.pool)
-            .await?;
+    for _ in 0..5 {
+        naive_poll(&mut naive_last, &mut naive_seen).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(naive_seen.len(), 80, "the naive reader saw the fast events");
     assert!(
-        naive_next.is_empty(),
-        "a naive cursor never revisits position {}",
+        !naive_seen.contains(&late_event.event_id.to_string()),
+        "and skipped the late one for good (position {})",
         late.position
     );
 
@@ -229,7 +274,7 @@ async fn a_transaction_that_commits_late_is_never_skipped() -> anyhow::Result<()
         (stream_count(&setup.js).await >= 81).then_some(())
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    caught_up(&setup).await?;
     let published = published(&setup.js).await?;
     assert_eq!(published.len(), 81, "each event exactly once");
     assert_eq!(
@@ -259,14 +304,20 @@ async fn a_relay_stopped_mid_stream_resumes_without_loss_or_duplicates() -> anyh
     }
     let stuck = Everything::default();
     *stuck.refuse.lock().expect("lock") = Some("s-20".to_owned());
-    let (shutdown, relay) = start_relay(&setup, stuck);
+    let (shutdown, relay) = start_relay(&setup, stuck.clone());
     eventually(
         "the relay to stop at the refused event",
         Duration::from_secs(20),
         || async { (stream_count(&setup.js).await == 500).then_some(()) },
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // It met the refused event and retried it: it is stuck there now.
+    let refusals = stuck.refusals.clone();
+    eventually("the refused event retried", Duration::from_secs(20), || {
+        let refusals = refusals.clone();
+        async move { (refusals.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(()) }
+    })
+    .await?;
     assert_eq!(
         stream_count(&setup.js).await,
         500,
@@ -280,7 +331,7 @@ async fn a_relay_stopped_mid_stream_resumes_without_loss_or_duplicates() -> anyh
         (stream_count(&setup.js).await >= 1000).then_some(())
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    caught_up(&setup).await?;
     let published = published(&setup.js).await?;
     assert_eq!(published.len(), 1000);
     assert_eq!(
@@ -327,7 +378,7 @@ async fn a_relay_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Res
         (stream_count(&setup.js).await >= 3000).then_some(())
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    caught_up(&setup).await?;
     let published = published(&setup.js).await?;
     assert_eq!(published.len(), 3000);
     assert_eq!(
@@ -382,7 +433,7 @@ async fn a_partly_failed_batch_republishes_only_what_did_not_land() -> anyhow::R
         || async { (stream_count(&setup.js).await >= 6).then_some(()) },
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    caught_up(&setup).await?;
     let published = published(&setup.js).await?;
     let unique: HashSet<&String> = published.iter().collect();
     assert_eq!(

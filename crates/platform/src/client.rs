@@ -277,6 +277,27 @@ mod tests {
                 .ceiling(n as u32);
             assert!(*gap <= ceiling, "gap {n} = {gap:?} exceeds {ceiling:?}");
         }
+        // And there *is* a backoff: over 30 calls the mean gap before each
+        // retry is near half its ceiling (full jitter), far from the zero
+        // that retrying at once would give (a mean below a quarter is a
+        // ~5-sigma event for uniform gaps).
+        let mut sums = [Duration::ZERO; 3];
+        for _ in 0..30 {
+            let policy = CallPolicy::new("down", &settings(), &Metrics::new());
+            let (_, times, _) = run(&policy, false, Code::Unavailable).await;
+            for (n, w) in times.windows(2).enumerate() {
+                sums[n] += w[1] - w[0];
+            }
+        }
+        for (n, sum) in sums.iter().enumerate() {
+            let ceiling = Backoff::new(Duration::from_millis(100), Duration::from_millis(300))
+                .ceiling(n as u32);
+            let mean = *sum / 30;
+            assert!(
+                mean >= ceiling / 4,
+                "mean gap {n} = {mean:?}, ceiling {ceiling:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
