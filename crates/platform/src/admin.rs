@@ -148,13 +148,34 @@ impl Readiness {
     }
 
     /// Keeps the Postgres state and `shop_dependency_up` current until
-    /// `shutdown`.
+    /// `shutdown`. The ping uses its own connection, not the pool: a pool
+    /// saturated by load is busy, not down, and must not make every replica
+    /// unready at once. Postgres counts as down after two failed pings in a
+    /// row (about a second), and as up again at the first answer.
     pub async fn watch(self, metrics: Metrics, shutdown: CancellationToken) {
+        use sqlx::Connection as _;
+        let mut connection: Option<sqlx::PgConnection> = None;
+        let mut failures = 0_u32;
         loop {
             if let Some(pool) = &self.pool {
-                let ping =
-                    tokio::time::timeout(PING_TIMEOUT, sqlx::query("SELECT 1").execute(pool)).await;
-                let down = !matches!(ping, Ok(Ok(_)));
+                let ping = tokio::time::timeout(PING_TIMEOUT, async {
+                    if connection.is_none() {
+                        connection =
+                            Some(sqlx::PgConnection::connect_with(&pool.connect_options()).await?);
+                    }
+                    match connection.as_mut() {
+                        Some(conn) => conn.ping().await,
+                        None => Ok(()),
+                    }
+                })
+                .await;
+                if matches!(ping, Ok(Ok(()))) {
+                    failures = 0;
+                } else {
+                    failures += 1;
+                    connection = None;
+                }
+                let down = failures >= 2;
                 if down != self.state.postgres_down.swap(down, Ordering::Relaxed) {
                     if down {
                         tracing::warn!("postgres unreachable: not ready, failing fast");
@@ -162,18 +183,8 @@ impl Readiness {
                         tracing::info!("postgres reachable again");
                     }
                 }
-                metrics.set_dependency_up("postgres", !down);
             }
-            if let Some(nats) = &self.nats {
-                metrics.set_dependency_up(
-                    "nats",
-                    nats.connection_state() == async_nats::connection::State::Connected,
-                );
-            }
-            for breaker in &self.breakers {
-                metrics
-                    .set_dependency_up(breaker.name(), breaker.state() != resilience::State::Open);
-            }
+            self.publish(&metrics);
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(PING_EVERY) => {}

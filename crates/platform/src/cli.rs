@@ -256,7 +256,21 @@ mod tests {
             .acquire_timeout(std::time::Duration::from_millis(300))
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")
             .expect("lazy pool");
-        let not_ready = serve(crate::admin::Readiness::new().postgres(unreachable_db)).await;
+        let unready = crate::admin::Readiness::new().postgres(unreachable_db);
+        tokio::spawn(
+            unready
+                .clone()
+                .watch(crate::metrics::Metrics::new(), shutdown.clone()),
+        );
+        let not_ready = serve(unready.clone()).await;
+        // The background check needs two failed pings to call Postgres down.
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !unready.postgres_down() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the background check sees the dead database");
         let timeout = std::time::Duration::from_secs(5);
         let probe = |addr| tokio::task::spawn_blocking(move || probe_ready(addr, timeout));
         probe(ready)
