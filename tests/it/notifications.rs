@@ -659,3 +659,68 @@ async fn waiting_for_the_previous_event_spends_no_delivery_attempts() -> anyhow:
     stack.stop().await;
     Ok(())
 }
+
+/// A message that waited past `APP_MAX_WAIT_SECS` is dead-lettered, but its
+/// order is not moved past the predecessor it waited for: when that one
+/// comes, it is delivered (it used to be taken for a duplicate and dropped).
+#[tokio::test]
+async fn a_message_that_waited_too_long_does_not_swallow_its_predecessor() -> anyhow::Result<()> {
+    let stack = TestStack::start_configured(
+        |_| {},
+        |n| {
+            n.max_wait_secs = 1;
+            n.retry_base_ms = 50;
+            n.retry_max_ms = 100;
+        },
+    )
+    .await?;
+    let (user_id, token) = stack.signed_up_user().await?;
+    let order_id = uuid::Uuid::now_v7();
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
+    messaging::publish_all(
+        &js,
+        &[crafted(&user_id, order_id, "order.paid.v1.json", 2)?],
+    )
+    .await?;
+    let letters = eventually(
+        "the impatient one dead-lettered",
+        Duration::from_secs(20),
+        || async {
+            let letters = messaging::dlq::list(&js).await.ok()?;
+            (!letters.is_empty()).then_some(letters)
+        },
+    )
+    .await?;
+    assert_eq!(letters[0].reason, "waited too long");
+    messaging::publish_all(
+        &js,
+        &[crafted(&user_id, order_id, "order.created.v2.json", 1)?],
+    )
+    .await?;
+    let notifications = stack.notifications().await?;
+    eventually("the predecessor delivered", Duration::from_secs(15), || {
+        let mut notifications = notifications.clone();
+        let (token, user_id) = (token.clone(), user_id.clone());
+        async move {
+            let listed = notifications
+                .list_notifications(bearer(
+                    &token,
+                    ListNotificationsRequest {
+                        user_id,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .ok()?
+                .into_inner()
+                .notifications;
+            listed
+                .iter()
+                .any(|n| n.event_type == "order.created")
+                .then_some(())
+        }
+    })
+    .await?;
+    stack.stop().await;
+    Ok(())
+}

@@ -449,34 +449,50 @@ impl Deliverer {
     ) -> AckKind {
         let subject = message.subject.as_str();
         let (give_up, reason, delay) = match problem {
-            Problem::Waiting(_) => {
-                let published = message.info().map_or(0, |i| i.published.unix_timestamp());
-                let waited = Utc::now().timestamp().saturating_sub(published);
-                let waited = Duration::from_secs(u64::try_from(waited).unwrap_or(0));
+            Problem::Waiting(_) => match self.store.note_wait(consumer, decoded.event_id).await {
                 // Predecessors come back within an ack wait: poll gently,
                 // without growing the delay as for failures.
-                (
+                Ok(waited) => (
                     waited >= self.max_wait,
                     "waited too long",
                     self.backoff.delay(0),
-                )
-            }
+                ),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot note the wait; retrying");
+                    (false, "", self.backoff.delay(0))
+                }
+            },
             Problem::Failed(text) => {
-                // Fall back on JetStream's count if Postgres cannot count.
-                let failures = self
+                match self
                     .store
                     .count_failure(consumer, decoded.event_id, text)
                     .await
-                    .unwrap_or(attempts);
-                let attempt = u32::try_from(failures.saturating_sub(1)).unwrap_or(u32::MAX);
-                (
-                    failures >= self.max_deliver,
-                    "max deliveries reached",
-                    self.backoff.delay(attempt),
-                )
+                {
+                    Ok(failures) => {
+                        let attempt = u32::try_from(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+                        (
+                            failures >= self.max_deliver,
+                            "max deliveries reached",
+                            self.backoff.delay(attempt),
+                        )
+                    }
+                    // Postgres cannot count (it is likely the failure itself):
+                    // an outage must not dead-letter healthy messages.
+                    Err(_) => {
+                        let attempt = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+                        (false, "", self.backoff.delay(attempt))
+                    }
+                }
             }
         };
         if give_up {
+            // A message that waited too long does not move its order past
+            // the predecessor it waited for (that one may still come, and
+            // must then be delivered, not taken for a duplicate).
+            let finishes = match problem {
+                Problem::Waiting(_) => None,
+                Problem::Failed(_) => decoded.order,
+            };
             return match self
                 .dead_letter(
                     message,
@@ -484,7 +500,7 @@ impl Deliverer {
                     reason,
                     attempts,
                     problem.text(),
-                    decoded.order,
+                    finishes,
                 )
                 .await
             {

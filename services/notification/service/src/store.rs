@@ -193,7 +193,8 @@ impl NotificationStore {
         error: &str,
     ) -> Result<i64, sqlx::Error> {
         let failures: i32 = sqlx::query_scalar(
-            "INSERT INTO delivery_failures (consumer, event_id, failures, last_error) \
+            "WITH pruned AS (DELETE FROM delivery_failures WHERE updated_at < now() - interval '7 days') \
+             INSERT INTO delivery_failures (consumer, event_id, failures, last_error) \
              VALUES ($1, $2, 1, $3) \
              ON CONFLICT (consumer, event_id) DO UPDATE \
                SET failures = delivery_failures.failures + 1, last_error = EXCLUDED.last_error, \
@@ -206,6 +207,32 @@ impl NotificationStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(i64::from(failures))
+    }
+
+    /// Notes that `event_id` waits for its order's previous event; returns
+    /// how long it has been waiting since it first had to.
+    ///
+    /// # Errors
+    ///
+    /// Fails when Postgres is unreachable.
+    pub async fn note_wait(
+        &self,
+        consumer: &str,
+        event_id: Uuid,
+    ) -> Result<std::time::Duration, sqlx::Error> {
+        let waited: f64 = sqlx::query_scalar(
+            "INSERT INTO delivery_failures (consumer, event_id, failures, last_error, first_waited_at) \
+             VALUES ($1, $2, 0, 'waiting for the previous event', now()) \
+             ON CONFLICT (consumer, event_id) DO UPDATE \
+               SET first_waited_at = COALESCE(delivery_failures.first_waited_at, now()), \
+                   updated_at = now() \
+             RETURNING EXTRACT(EPOCH FROM now() - first_waited_at)::float8",
+        )
+        .bind(consumer)
+        .bind(event_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(std::time::Duration::from_secs_f64(waited.clamp(0.0, 1e9)))
     }
 
     /// Forgets the failures of a message that is done (delivered or dead).
