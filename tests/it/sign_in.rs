@@ -328,3 +328,48 @@ async fn a_flood_of_concurrent_sign_ins_is_refused_fast_and_the_owner_still_sign
     stack.stop().await;
     Ok(())
 }
+
+/// Concurrent guesses all passed the check before the first failure was
+/// recorded (check and record are two statements with a hash between
+/// them): a backoff window allowed as many guesses as the hashing queue
+/// holds. Now one sign-in per email and address is checked at a time.
+#[tokio::test]
+async fn concurrent_guesses_are_checked_one_at_a_time() -> anyhow::Result<()> {
+    let stack = TestStack::start_with(|auth| {
+        auth.throttle.trusted_proxies = "127.0.0.0/8".to_owned();
+        auth.throttle.per_account_address = 2;
+        auth.throttle.base_delay_ms = 60_000;
+    })
+    .await?;
+    create(&stack, "burst@example.com", "right password").await?;
+    let users = stack.users().await?;
+    let guesses = (0..16).map(|i| {
+        let mut users = users.clone();
+        async move {
+            users
+                .authenticate(sign_in(
+                    "burst@example.com",
+                    &format!("guess {i}"),
+                    "198.51.100.50",
+                ))
+                .await
+        }
+    });
+    let outcomes = futures::future::join_all(guesses).await;
+    let evaluated = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(s) if s.code() == Code::Unauthenticated))
+        .count();
+    assert!(
+        (1..=2).contains(&evaluated),
+        "{evaluated} of 16 concurrent guesses were checked against the password"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Err(s) if matches!(s.code(), Code::Unauthenticated | Code::ResourceExhausted))),
+        "{outcomes:?}"
+    );
+    stack.stop().await;
+    Ok(())
+}

@@ -86,7 +86,9 @@ pub trait Subscriber: Send {
     ) -> impl Future<Output = Result<Cursor, TailError>> + Send;
 
     /// Handles a non-empty batch and persists the cursor of its last event.
-    /// On error nothing must have been persisted (the batch is read again).
+    /// On error the batch is read again from the persisted cursor, so a
+    /// subscriber may persist a prefix it fully handled (the relay does)
+    /// but never a cursor past an event it did not handle.
     fn handle(
         &mut self,
         conn: &mut PgConnection,

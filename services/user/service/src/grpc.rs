@@ -73,6 +73,17 @@ fn too_many_failures(retry_after: std::time::Duration) -> Status {
     )
 }
 
+/// RESOURCE_EXHAUSTED while another sign-in for the same email or address
+/// is being checked on this replica.
+fn busy_sign_in(retry_after: std::time::Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        "another sign-in for this email or address is in progress; retry in 1 s",
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
+}
+
 fn to_proto(user: &UserRecord) -> pb::User {
     pb::User {
         id: user.id.to_string(),
@@ -132,10 +143,19 @@ impl UserService for UserApi {
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
         let client = ClientAddress::resolve(
             request.remote_addr(),
-            request
-                .metadata()
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok()),
+            // Every x-forwarded-for header, in order, as one list: a proxy
+            // may append its own header after one the client wrote.
+            Some(
+                request
+                    .metadata()
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .filter(|hops| !hops.is_empty())
+            .as_deref(),
             self.throttle.trusted_proxies(),
         );
         let request = request.into_inner();
@@ -164,6 +184,10 @@ impl UserService for UserApi {
             |e| e.as_str().to_owned(),
         );
         let attempt = self.throttle.attempt(&throttle_key, &client);
+        let _in_flight = self
+            .throttle
+            .enter(&attempt)
+            .ok_or_else(|| busy_sign_in(std::time::Duration::from_secs(1)))?;
         if let Some(throttled) = self
             .throttle
             .check(&attempt)

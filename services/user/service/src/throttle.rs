@@ -130,12 +130,15 @@ enum Scope {
     Account = 3,
 }
 
-/// The three buckets one attempt counts in.
-#[derive(Debug, Clone, Copy)]
+/// The three buckets one attempt counts in, and the full keyed hash of its
+/// (email, address): buckets are shared by design, "known address" must not
+/// be (a colliding pair's success would exempt an attacker).
+#[derive(Debug, Clone)]
 pub struct Attempt {
     account_address: i64,
     address: i64,
     account: i64,
+    tag: String,
 }
 
 /// Sign-in throttling in Postgres, shared by every replica.
@@ -145,6 +148,41 @@ pub struct SignInThrottle {
     settings: ThrottleSettings,
     trusted: Networks,
     key: Vec<u8>,
+    in_flight: InFlight,
+}
+
+/// Sign-ins being checked right now on this replica, per bucket. Checking
+/// and recording a failure are two statements with a password hash between
+/// them, so without this every concurrent guess would pass the check before
+/// the first failure is recorded: one guess per backoff window would become
+/// as many as the hashing queue holds.
+#[derive(Clone, Debug, Default)]
+struct InFlight(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, u32>>>);
+
+/// Concurrent sign-ins per bucket and replica: one per email and address,
+/// sixteen per address (an office behind one NAT), four per email (devices).
+const IN_FLIGHT_LIMITS: [u32; 3] = [1, 16, 4];
+
+/// One sign-in in flight; its buckets are released when dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    in_flight: InFlight,
+    buckets: [i64; 3],
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.in_flight.0.lock() {
+            for bucket in self.buckets {
+                if let Some(count) = map.get_mut(&bucket) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        map.remove(&bucket);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SignInThrottle {
@@ -173,6 +211,7 @@ impl SignInThrottle {
             trusted,
             key: key.finalize().into_bytes().to_vec(),
             settings,
+            in_flight: InFlight::default(),
         })
     }
 
@@ -182,15 +221,20 @@ impl SignInThrottle {
         &self.trusted
     }
 
-    fn bucket(&self, scope: Scope, parts: &[&str]) -> i64 {
+    fn digest(&self, scope: Scope, parts: &[&str]) -> [u8; 32] {
         let Ok(mut mac) = HmacSha256::new_from_slice(&self.key) else {
-            return scope as i64;
+            return [0; 32];
         };
+        mac.update(&[scope as u8]);
         for part in parts {
             mac.update(part.as_bytes());
             mac.update(&[0]);
         }
-        let digest = mac.finalize().into_bytes();
+        mac.finalize().into_bytes().into()
+    }
+
+    fn bucket(&self, scope: Scope, parts: &[&str]) -> i64 {
+        let digest = self.digest(scope, parts);
         let word = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
         ((scope as i64) << 32) | i64::from(word % self.settings.buckets.max(1))
     }
@@ -198,11 +242,43 @@ impl SignInThrottle {
     /// The buckets of `email` (normalized) signing in from `client`.
     #[must_use]
     pub fn attempt(&self, email: &str, client: &ClientAddress) -> Attempt {
+        let tag = self
+            .digest(Scope::AccountAddress, &[email, &client.0])
+            .iter()
+            .fold(String::with_capacity(64), |mut hex, b| {
+                use std::fmt::Write as _;
+                let _ = write!(hex, "{b:02x}");
+                hex
+            });
         Attempt {
             account_address: self.bucket(Scope::AccountAddress, &[email, &client.0]),
             address: self.bucket(Scope::Address, &[&client.0]),
             account: self.bucket(Scope::Account, &[email]),
+            tag,
         }
+    }
+
+    /// Takes `attempt`'s place among the sign-ins in flight on this replica,
+    /// or `None` while too many for its email and address, address, or
+    /// email are being checked already.
+    #[must_use]
+    pub fn enter(&self, attempt: &Attempt) -> Option<InFlightGuard> {
+        let buckets = [attempt.account_address, attempt.address, attempt.account];
+        let mut map = self.in_flight.0.lock().ok()?;
+        if buckets
+            .iter()
+            .zip(IN_FLIGHT_LIMITS)
+            .any(|(bucket, limit)| map.get(bucket).copied().unwrap_or(0) >= limit)
+        {
+            return None;
+        }
+        for bucket in buckets {
+            *map.entry(bucket).or_insert(0) += 1;
+        }
+        Some(InFlightGuard {
+            in_flight: self.in_flight.clone(),
+            buckets,
+        })
     }
 
     /// Whether `attempt` must wait, and how long.
@@ -214,13 +290,14 @@ impl SignInThrottle {
         let rows: Vec<(i64, f64, bool)> = sqlx::query_as(
             "SELECT bucket, \
                     GREATEST(EXTRACT(EPOCH FROM blocked_until - now()), 0)::float8, \
-                    COALESCE(last_success > now() - $2, false) \
+                    COALESCE(last_success > now() - $2 AND success_tag = $3, false) \
              FROM sign_in_throttle WHERE bucket = ANY($1)",
         )
         .bind([attempt.account_address, attempt.address, attempt.account])
         .bind(chrono_secs(
             self.settings.known_address_days.saturating_mul(86_400),
         ))
+        .bind(&attempt.tag)
         .fetch_all(&self.pool)
         .await?;
         let known = rows
@@ -288,12 +365,14 @@ impl SignInThrottle {
     /// Fails when Postgres is unreachable.
     pub async fn record_success(&self, attempt: &Attempt) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO sign_in_throttle (bucket, free_failures, failures, last_success) \
-             VALUES ($1, $2, 0, now()) \
-             ON CONFLICT (bucket) DO UPDATE SET failures = 0, blocked_until = NULL, last_success = now()",
+            "INSERT INTO sign_in_throttle (bucket, free_failures, failures, last_success, success_tag) \
+             VALUES ($1, $2, 0, now(), $3) \
+             ON CONFLICT (bucket) DO UPDATE SET failures = 0, blocked_until = NULL, \
+               last_success = now(), success_tag = EXCLUDED.success_tag",
         )
         .bind(attempt.account_address)
         .bind(i32::try_from(self.settings.per_account_address).unwrap_or(i32::MAX))
+        .bind(&attempt.tag)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -202,12 +202,23 @@ async fn sign_up(
         })
         .await
         .context("CreateUser")?;
-    let token = users
-        .authenticate(AuthenticateRequest { email, password })
-        .await
-        .context("Authenticate")?
-        .into_inner()
-        .access_token;
+    // A busy hashing pool answers RESOURCE_EXHAUSTED: wait and try again.
+    let mut tries = 0;
+    let token = loop {
+        match users
+            .authenticate(AuthenticateRequest {
+                email: email.clone(),
+                password: password.clone(),
+            })
+            .await
+        {
+            Err(status) if status.code() == tonic::Code::ResourceExhausted && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            answer => break answer.context("Authenticate")?.into_inner().access_token,
+        }
+    };
     Ok(User { token })
 }
 
