@@ -121,6 +121,10 @@ fn otlp_var(suffix: &str) -> Option<(String, String)> {
 fn otlp_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
     let https = otlp_var("ENDPOINT").is_some_and(|(_, url)| url.starts_with("https://"));
     if !https {
+        let tls_vars = ["CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"];
+        if let Some((name, _)) = tls_vars.iter().find_map(|v| otlp_var(v)) {
+            return Err(format!("{name} is set but the OTLP endpoint is not https"));
+        }
         return Ok(None);
     }
     crate::tls::install_crypto_provider();
