@@ -200,6 +200,7 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
         // The message of each event of the batch (None: private, or acked
         // by JetStream in an earlier, partly failed attempt).
         let mut messages: Vec<Option<OutboundMessage>> = Vec::with_capacity(batch.len());
+        let mut unmappable = None;
         for (_, event) in batch {
             let span = tracing::info_span!(
                 "relay.publish",
@@ -230,11 +231,18 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
                     })
                 })
             });
-            let message = mapped
-                .map_err(TailError::new)?
-                .filter(|m| !self.acked.contains(&m.message_id));
-            messages.push(message);
-            spans.push(span);
+            match mapped {
+                Ok(message) => {
+                    messages.push(message.filter(|m| !self.acked.contains(&m.message_id)));
+                    spans.push(span);
+                }
+                // The relay stops at an event it cannot map; what comes
+                // before it in the batch is still published and checkpointed.
+                Err(error) => {
+                    unmappable = Some(error);
+                    break;
+                }
+            }
         }
         let to_send: Vec<OutboundMessage> = messages.iter().flatten().cloned().collect();
         let mut results = messaging::publish_each(&self.js, &to_send)
@@ -269,7 +277,10 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
         // that landed after a failure are remembered, not republished.
         let prefix = landed.iter().take_while(|ok| **ok).count();
         let through = prefix.checked_sub(1).map(|i| &batch[i].0);
-        if let Some(error) = first_error {
+        let failure = first_error
+            .map(TailError::new)
+            .or_else(|| unmappable.map(TailError::new));
+        if let Some(failure) = failure {
             for (message, ok) in messages.iter().zip(&landed).skip(prefix) {
                 if let (Some(message), true) = (message, ok) {
                     self.acked.insert(message.message_id.clone());
@@ -278,7 +289,7 @@ impl<M: IntegrationMapper> Subscriber for Relay<M> {
             if let Some(cursor) = through {
                 self.checkpoint(conn, cursor).await?;
             }
-            return Err(TailError::new(error));
+            return Err(failure);
         }
         self.acked.clear();
         self.checkpoint(conn, last).await?;
