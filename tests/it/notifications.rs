@@ -487,6 +487,37 @@ fn order_hits(hits: &[testkit::Hit]) -> Vec<testkit::Hit> {
         .collect()
 }
 
+/// The event types of `user_id`'s order notifications, oldest first; `None`
+/// when the service cannot answer yet.
+async fn order_notification_types(
+    stack: &TestStack,
+    token: &str,
+    user_id: &str,
+) -> Option<Vec<String>> {
+    let listed = stack
+        .notifications()
+        .await
+        .ok()?
+        .list_notifications(bearer(
+            token,
+            ListNotificationsRequest {
+                user_id: user_id.to_owned(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .ok()?
+        .into_inner()
+        .notifications;
+    Some(
+        listed
+            .iter()
+            .filter(|n| n.event_type.starts_with("order."))
+            .map(|n| n.event_type.clone())
+            .collect(),
+    )
+}
+
 /// An order event as order-service's relay would publish it, built from a
 /// stored-event fixture for `order_id` of `user_id`.
 fn crafted(
@@ -624,30 +655,9 @@ async fn waiting_for_the_previous_event_spends_no_delivery_attempts() -> anyhow:
     )
     .await?;
     messaging::publish_all(&js, &[event("order.created.v2.json", 1)?]).await?;
-    let notifications = stack.notifications().await?;
-    let types = eventually("both notifications", Duration::from_secs(20), || {
-        let mut notifications = notifications.clone();
-        let (token, user_id) = (token.clone(), user_id.clone());
-        async move {
-            let listed = notifications
-                .list_notifications(bearer(
-                    &token,
-                    ListNotificationsRequest {
-                        user_id,
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .ok()?
-                .into_inner()
-                .notifications;
-            let types: Vec<String> = listed
-                .iter()
-                .filter(|n| n.event_type.starts_with("order."))
-                .map(|n| n.event_type.clone())
-                .collect();
-            (types.len() == 2).then_some(types)
-        }
+    let types = eventually("both notifications", Duration::from_secs(20), || async {
+        let types = order_notification_types(&stack, &token, &user_id).await?;
+        (types.len() == 2).then_some(types)
     })
     .await?;
     assert!(types.contains(&"order.paid".to_owned()), "{types:?}");
@@ -697,29 +707,14 @@ async fn a_message_that_waited_too_long_does_not_swallow_its_predecessor() -> an
         &[crafted(&user_id, order_id, "order.created.v2.json", 1)?],
     )
     .await?;
-    let notifications = stack.notifications().await?;
-    eventually("the predecessor delivered", Duration::from_secs(15), || {
-        let mut notifications = notifications.clone();
-        let (token, user_id) = (token.clone(), user_id.clone());
-        async move {
-            let listed = notifications
-                .list_notifications(bearer(
-                    &token,
-                    ListNotificationsRequest {
-                        user_id,
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .ok()?
-                .into_inner()
-                .notifications;
-            listed
-                .iter()
-                .any(|n| n.event_type == "order.created")
-                .then_some(())
-        }
-    })
+    eventually(
+        "the predecessor delivered",
+        Duration::from_secs(15),
+        || async {
+            let types = order_notification_types(&stack, &token, &user_id).await?;
+            types.iter().any(|t| t == "order.created").then_some(())
+        },
+    )
     .await?;
     stack.stop().await;
     Ok(())

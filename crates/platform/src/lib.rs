@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod grpc;
+pub mod hex;
 pub mod metrics;
 pub mod nats;
 pub mod net;

@@ -123,13 +123,7 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     let digest = mac.finalize().into_bytes();
-    format!(
-        "v1={}",
-        digest
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
+    format!("v1={}", platform::hex::encode(&digest))
 }
 
 /// POSTs signed JSON to webhook endpoints.

@@ -120,10 +120,7 @@ fn new_secret() -> String {
     use rand::RngCore as _;
     let mut bytes = [0_u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!(
-        "whsec_{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    format!("whsec_{}", platform::hex::encode(&bytes))
 }
 
 type WatchStream = std::pin::Pin<

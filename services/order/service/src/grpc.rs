@@ -130,11 +130,7 @@ fn fingerprint<M: prost::Message + Clone>(
         .chain_update([0])
         .chain_update(bare.encode_to_vec())
         .finalize();
-    digest.iter().fold(String::with_capacity(64), |mut hex, b| {
-        use std::fmt::Write as _;
-        let _ = write!(hex, "{b:02x}");
-        hex
-    })
+    platform::hex::encode(&digest)
 }
 
 fn check_key(violations: &mut FieldViolations, key: &str) {

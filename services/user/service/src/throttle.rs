@@ -242,14 +242,7 @@ impl SignInThrottle {
     /// The buckets of `email` (normalized) signing in from `client`.
     #[must_use]
     pub fn attempt(&self, email: &str, client: &ClientAddress) -> Attempt {
-        let tag = self
-            .digest(Scope::AccountAddress, &[email, &client.0])
-            .iter()
-            .fold(String::with_capacity(64), |mut hex, b| {
-                use std::fmt::Write as _;
-                let _ = write!(hex, "{b:02x}");
-                hex
-            });
+        let tag = platform::hex::encode(&self.digest(Scope::AccountAddress, &[email, &client.0]));
         Attempt {
             account_address: self.bucket(Scope::AccountAddress, &[email, &client.0]),
             address: self.bucket(Scope::Address, &[&client.0]),
