@@ -83,9 +83,15 @@ async fn an_event_published_twice_past_dedup_makes_one_notification() -> anyhow:
             .await?;
     }
     // A poison message on the same subject must not block what follows it.
-    js.publish("user.created", b"not protobuf".to_vec().into())
-        .await?
-        .await?;
+    let mut poison_headers = async_nats::HeaderMap::new();
+    poison_headers.insert(messaging::headers::EVENT_ID, "poison-1");
+    js.publish_with_headers(
+        "user.created",
+        poison_headers,
+        b"not protobuf".to_vec().into(),
+    )
+    .await?
+    .await?;
 
     let mut notifications = stack.notifications().await?;
     let list = ListNotificationsRequest {
@@ -135,6 +141,29 @@ async fn an_event_published_twice_past_dedup_makes_one_notification() -> anyhow:
         ("undecodable", "user.created")
     );
     assert_eq!(&letters[0].payload[..], b"not protobuf");
+    assert_eq!(letters[0].event_id.as_deref(), Some("poison-1"));
+    // Redriven, it is still poison: back in the DLQ under its own event id
+    // (not the redrive's fresh message id), marked as redriven.
+    messaging::dlq::redrive(&js, letters[0].sequence).await?;
+    let again = eventually(
+        "the redriven poison back in the DLQ",
+        Duration::from_secs(10),
+        || {
+            let js = js.clone();
+            async move {
+                let letters = messaging::dlq::list(&js).await.ok()?;
+                (letters.len() == 1 && letters[0].attempts > 0).then(|| letters[0].clone())
+            }
+        },
+    )
+    .await?;
+    assert_eq!(again.event_id.as_deref(), Some("poison-1"));
+    assert!(
+        again
+            .headers
+            .get(messaging::dlq::headers::REDRIVEN_FROM)
+            .is_some()
+    );
     let copies = page
         .notifications
         .iter()

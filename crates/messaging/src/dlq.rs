@@ -74,11 +74,16 @@ pub async fn publish(
 ) -> Result<(), MessagingError> {
     let mut map = HeaderMap::new();
     if let Some(original) = original_headers {
+        // A redriven message carries a fresh message id but its own event
+        // id: the event id wins, the message id stands in when there is none.
+        let has_event_id = original.get(crate::headers::EVENT_ID).is_some();
         for (name, values) in original.iter() {
             let name_str: &str = name.as_ref();
             if name_str.eq_ignore_ascii_case(async_nats::header::NATS_MESSAGE_ID.as_ref()) {
                 // Keep it for reference, but do not let it deduplicate here.
-                if let Some(value) = values.first() {
+                if let Some(value) = values.first()
+                    && !has_event_id
+                {
                     map.insert(crate::headers::EVENT_ID, value.as_str());
                 }
                 continue;
