@@ -1,4 +1,5 @@
-//! Test kit (dev only): real infrastructure for tests, never mocks.
+//! Test kit: real infrastructure for tests and for `shopctl chaos`, never
+//! mocks.
 //!
 //! - [`TestDb`]: a fresh database per test on the test Postgres server
 //!   (`SHOP_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
@@ -7,8 +8,8 @@
 //! - [`PgServer`]: a private Postgres cluster a test can crash and restart.
 //! - [`TestStack`]: the three services in-process on port 0, wired to those,
 //!   with typed clients.
-//! - [`TcpProxy`]: a proxy between a service and its peer that counts what
-//!   reaches the peer.
+//! - [`TcpProxy`]: a fault proxy between a service and its peer (partition,
+//!   latency; see [`Link`]) that counts what reaches the peer.
 //! - [`SmtpSink`] and [`WebhookReceiver`]: real SMTP and HTTP peers for the
 //!   notification channels.
 //! - [`Certs`] and [`TlsTerminator`]: certificates from the real `openssl`
@@ -26,7 +27,7 @@ mod webhook;
 pub use nats::NatsServer;
 pub use pg::TestDb;
 pub use pg_server::PgServer;
-pub use proxy::TcpProxy;
+pub use proxy::{Link, TcpProxy};
 pub use smtp::{Mail, SmtpSink};
 pub use stack::{TEST_SIGNING_KEY, TestStack, bearer};
 pub use tls::{Certs, TlsTerminator};

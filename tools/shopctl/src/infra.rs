@@ -27,27 +27,46 @@ pub(crate) struct Managed {
 }
 
 impl Managed {
-    /// Sends the stop signal and waits up to `grace`, then kills.
-    pub(crate) async fn stop(mut self, grace: Duration) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let pid = self
-            .pid_file
+    /// The pid to signal: the server's own, not a wrapper's.
+    fn target_pid(&self) -> String {
+        self.pid_file
             .as_ref()
             .and_then(|f| fs::read_to_string(f).ok())
             .and_then(|s| s.lines().next().map(|l| l.trim().to_owned()))
-            .unwrap_or_else(|| self.child.id().to_string());
-        let _ = Command::new("kill")
-            .args(["-s", self.stop_signal, &pid])
-            .status();
-        let deadline = tokio::time::Instant::now() + grace;
+            .unwrap_or_else(|| self.child.id().to_string())
+    }
+
+    /// Whether the process has exited.
+    pub(crate) fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Sends `signal` (`KILL`, `TERM`, `QUIT`, ...) and waits up to `wait`
+    /// for the process to exit; whether it did.
+    pub(crate) async fn signal_and_wait(&mut self, signal: &str, wait: Duration) -> bool {
+        if self.exited() {
+            return true;
+        }
+        let pid = self.target_pid();
+        let _ = Command::new("kill").args(["-s", signal, &pid]).status();
+        let deadline = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                tracing::info!(process = self.name, "stopped");
-                return;
+            if self.exited() {
+                return true;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Sends the stop signal and waits up to `grace`, then kills.
+    pub(crate) async fn stop(mut self, grace: Duration) {
+        if self.exited() {
+            return;
+        }
+        if self.signal_and_wait(self.stop_signal, grace).await {
+            tracing::info!(process = self.name, "stopped");
+            return;
         }
         tracing::warn!(process = self.name, "did not stop in time; killing");
         let _ = self.child.kill();
@@ -100,7 +119,7 @@ async fn wait_for_port(
     Ok(())
 }
 
-fn log_file(path: &Path) -> anyhow::Result<Stdio> {
+pub(crate) fn log_file(path: &Path) -> anyhow::Result<Stdio> {
     Ok(Stdio::from(
         fs::OpenOptions::new()
             .create(true)
@@ -180,6 +199,11 @@ pub(crate) fn install_missing(nats: bool, postgres: bool) -> anyhow::Result<()> 
 
 /// Starts `nats-server -js` on a free port with its store in `dir`.
 pub(crate) async fn start_nats(dir: &Path) -> anyhow::Result<(Managed, String)> {
+    start_nats_at(dir, free_port()?).await
+}
+
+/// Starts `nats-server -js` on `port` (a restart reuses its port and store).
+pub(crate) async fn start_nats_at(dir: &Path, port: u16) -> anyhow::Result<(Managed, String)> {
     let binary = nats_binary().ok_or_else(|| {
         anyhow::anyhow!(
             "nats-server is not installed. Install it with:\n    sudo apt-get install -y nats-server\n\
@@ -188,7 +212,6 @@ pub(crate) async fn start_nats(dir: &Path) -> anyhow::Result<(Managed, String)> 
     })?;
     let store = dir.join("nats");
     fs::create_dir_all(&store)?;
-    let port = free_port()?;
     let child = supervised(&binary, "TERM", false)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(&store)
@@ -373,6 +396,12 @@ fn fallback_name(dir: &Path) -> String {
 /// Starts a private Postgres on a free port (initdb on first use) and
 /// returns its admin URL.
 pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, String)> {
+    start_postgres_at(dir, free_port()?).await
+}
+
+/// Starts the private Postgres of `dir` on `port` (a restart after a crash
+/// reuses its port and runs crash recovery).
+pub(crate) async fn start_postgres_at(dir: &Path, port: u16) -> anyhow::Result<(Managed, String)> {
     let bin = postgres_bin_dir().ok_or_else(|| {
         anyhow::anyhow!(
             "PostgreSQL server binaries (initdb, postgres) are not installed. Install them with:\n    \
@@ -414,9 +443,10 @@ pub(crate) async fn start_postgres(dir: &Path) -> anyhow::Result<(Managed, Strin
             );
         }
     }
-    let port = free_port()?;
     let log = dir.join("postgres.log");
-    fs::File::create(&log)?;
+    if !log.exists() {
+        fs::File::create(&log)?;
+    }
     // SIGINT is Postgres's fast shutdown: clean, without waiting for clients.
     let child = supervised(&bin.join("postgres"), "INT", true)
         .arg("-D")

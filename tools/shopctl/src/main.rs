@@ -6,6 +6,7 @@
 //! - `shopctl demo`: one user, one login, one order, and the notification
 //!   that followed, with timings.
 //! - `shopctl status`, `orders`, `relay`, `projections`, `dlq`: operate it.
+//! - `shopctl load` and `shopctl chaos`: load it, and break it under load.
 //!
 //! Output on stdout is the product of this tool; it goes through `out!`,
 //! which never panics on a closed pipe. Errors are printed once, by `main`.
@@ -13,6 +14,7 @@
 #[macro_use]
 mod out;
 mod admin;
+mod chaos;
 mod demo;
 mod infra;
 mod load;
@@ -74,6 +76,9 @@ enum Command {
     /// Drive load against the running stack and report throughput, latency
     /// per command, errors and end-to-end latency (JSON, Markdown, SVG).
     Load(load::LoadOptions),
+    /// Fault scenarios under load, each on its own fresh stack, judged by
+    /// the history oracle (lost, duplicated, unexpected, diverged).
+    Chaos(chaos::ChaosOptions),
     /// Print a shell completion script, e.g.
     /// `shopctl completions bash > /etc/bash_completion.d/shopctl`.
     Completions {
@@ -256,6 +261,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Demo { stack_file } => demo::run_or_start(&stack_file).await,
         Command::Status { stack_file, json } => status::show(&stack_file, json).await,
         Command::Load(options) => load::run(options).await,
+        Command::Chaos(options) => chaos::run(options).await,
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics when its writer fails
             // (`| head`); `out!` does not.

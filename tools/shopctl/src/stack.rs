@@ -63,7 +63,7 @@ pub(crate) struct StackFile {
 }
 
 /// Reads a 64-hex-character signing key from `path`, creating it first.
-fn signing_key(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn signing_key(path: &Path) -> anyhow::Result<String> {
     if let Ok(key) = std::fs::read_to_string(path)
         && key.trim().len() >= 32
     {
@@ -79,10 +79,21 @@ fn signing_key(path: &Path) -> anyhow::Result<String> {
     Ok(key)
 }
 
-fn spawn_service(service: &'static str, env: &[(&str, String)]) -> anyhow::Result<Managed> {
+/// Starts `shopctl serve <service>` with `env`; its output goes to `log`
+/// (appended) when given, else to ours.
+pub(crate) fn spawn_service(
+    service: &'static str,
+    env: &[(&str, String)],
+    log: Option<&Path>,
+) -> anyhow::Result<Managed> {
     let exe = std::env::current_exe().context("locating shopctl")?;
     let mut command = infra::supervised(&exe, "TERM", false);
     command.args(["serve", service]).stdin(Stdio::null());
+    if let Some(log) = log {
+        command
+            .stdout(infra::log_file(log)?)
+            .stderr(infra::log_file(log)?);
+    }
     for (key, value) in env {
         command.env(key, value);
     }
@@ -97,7 +108,11 @@ fn spawn_service(service: &'static str, env: &[(&str, String)]) -> anyhow::Resul
     })
 }
 
-async fn wait_healthy(name: &str, url: &str, children: &mut [Managed]) -> anyhow::Result<()> {
+pub(crate) async fn wait_healthy(
+    name: &str,
+    url: &str,
+    children: &mut [Managed],
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         for child in children.iter_mut() {
@@ -362,7 +377,7 @@ async fn run(
         ("order-service", &order_env),
         ("notification-service", &notification_env),
     ] {
-        let child = spawn_service(name, env)?;
+        let child = spawn_service(name, env, None)?;
         record_child(data_dir, &child);
         services.push(child);
     }

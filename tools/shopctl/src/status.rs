@@ -136,7 +136,7 @@ pub(crate) async fn show(stack_file: &Path, as_json: bool) -> anyhow::Result<()>
     })?;
     // reqwest is built without a default TLS provider (the admin endpoints
     // are plain HTTP, but the client wants one anyway).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    platform::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()?;

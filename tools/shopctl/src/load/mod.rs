@@ -82,7 +82,7 @@ pub(crate) struct LoadOptions {
     quiet: bool,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -178,7 +178,7 @@ pub(crate) struct Clients {
     pub(crate) orders: OrderServiceClient<Channel>,
 }
 
-async fn channel(url: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn channel(url: &str) -> anyhow::Result<Channel> {
     tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
@@ -188,7 +188,7 @@ async fn channel(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot connect to {url}"))
 }
 
-async fn sign_up(
+pub(crate) async fn sign_up(
     users: &mut UserServiceClient<Channel>,
     run: Uuid,
     i: usize,
