@@ -6,6 +6,7 @@
 
 mod load;
 mod oracle;
+mod sabotage;
 mod scenarios;
 mod stack;
 
@@ -51,6 +52,10 @@ pub(crate) struct ChaosOptions {
     /// One JSON array on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// The oracle's own test: after settling, lose, double, invent and
+    /// change one thing each; the run must then report exactly one of each.
+    #[arg(long, hide = true)]
+    sabotage: bool,
 }
 
 /// A scenario's own check besides the oracle.
@@ -322,6 +327,9 @@ async fn drive(
     match oracle::settle(&orders_pool, &users_pool, &js, Duration::from_secs(90)).await {
         Ok(took) => outcome.settled_in_s = Some(seconds(took)),
         Err(busy) => bail!("did not settle within 90 s: {busy}"),
+    }
+    if options.sabotage {
+        sabotage::apply(&orders_pool, &notifications_pool, &js).await?;
     }
     let mut facts = oracle::collect(&orders_pool, &users_pool, &notifications_pool, &js).await?;
     facts.acks = acks;
