@@ -759,7 +759,7 @@ async fn time_travel_matches_a_replay_of_the_first_n_events() -> anyhow::Result<
         );
         assert_eq!(
             then,
-            order_service::grpc::order_to_proto(&replayed, times),
+            order_service::proto::order_to_proto(&replayed, times),
             "version {version}"
         );
     }

@@ -65,10 +65,10 @@ impl GroupCommit {
         self.sender
             .send(request)
             .await
-            .map_err(|_| AppendError::Database(sqlx::Error::PoolClosed))?;
+            .map_err(|_| AppendError::Database(sqlx::Error::PoolClosed.into()))?;
         answer
             .await
-            .map_err(|_| AppendError::Database(sqlx::Error::PoolClosed))?
+            .map_err(|_| AppendError::Database(sqlx::Error::PoolClosed.into()))?
     }
 }
 
@@ -125,11 +125,12 @@ async fn commit(pool: &PgPool, batch: Vec<Request>) {
                     "group append answered for fewer commands"
                 );
                 for request in batch {
-                    let _ = request
-                        .reply
-                        .send(Err(AppendError::Database(sqlx::Error::Protocol(
+                    let _ = request.reply.send(Err(AppendError::Database(
+                        sqlx::Error::Protocol(
                             "group append answered for fewer commands".to_owned(),
-                        ))));
+                        )
+                        .into(),
+                    )));
                 }
                 return;
             }
@@ -275,12 +276,16 @@ async fn append_group(pool: &PgPool, batch: &[Request]) -> Result<Vec<Appended>,
         .bind(&c.key_fingerprint)
         .fetch_all(pool)
         .await
-        .map_err(AppendError::Database)?;
+        .map_err(|e| AppendError::Database(e.into()))?;
     rows.iter()
         .map(|row| {
             Ok(Appended {
-                version: row.try_get("version").map_err(AppendError::Database)?,
-                position: row.try_get("position").map_err(AppendError::Database)?,
+                version: row
+                    .try_get("version")
+                    .map_err(|e| AppendError::Database(e.into()))?,
+                position: row
+                    .try_get("position")
+                    .map_err(|e| AppendError::Database(e.into()))?,
             })
         })
         .collect()

@@ -12,10 +12,12 @@ pub mod relay;
 pub mod store;
 pub mod tail;
 
+/// What reading the store fails with (classified: unreachable or refused).
+pub use platform::db::StorageError;
 pub use relay::{IntegrationMapper, Relay, RelayConfig};
 pub use store::{
     AppendError, Appended, CommandLoad, EventStore, IdempotencyKey, NewEvent, Snapshot,
-    SnapshotWrite, StoreError, UsedKey,
+    SnapshotWrite, UsedKey,
 };
 
 /// The current time at the precision Postgres stores (microseconds), so a

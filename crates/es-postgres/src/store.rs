@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use es::{DomainEvent, EventContext, RecordedEvent};
+use platform::db::StorageError;
 use sqlx::{PgExecutor, PgPool, Row as _, postgres::PgRow};
 use uuid::Uuid;
 
@@ -93,13 +94,8 @@ pub enum AppendError {
     #[error("event payload is not valid JSON: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("event store: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(#[source] StorageError),
 }
-
-/// Failure to read from the store.
-#[derive(Debug, thiserror::Error)]
-#[error("event store: {0}")]
-pub struct StoreError(#[from] pub sqlx::Error);
 
 const APPEND_SQL: &str = r"
 WITH ins AS (
@@ -202,8 +198,12 @@ pub async fn append<'e>(
         .await
         .map_err(|e| classify(e, stream_id, expected_version))?;
     Ok(Appended {
-        version: row.try_get("version").map_err(AppendError::Database)?,
-        position: row.try_get("position").map_err(AppendError::Database)?,
+        version: row
+            .try_get("version")
+            .map_err(|e| AppendError::Database(e.into()))?,
+        position: row
+            .try_get("position")
+            .map_err(|e| AppendError::Database(e.into()))?,
     })
 }
 
@@ -222,7 +222,7 @@ fn classify(error: sqlx::Error, stream_id: &str, expected_version: i64) -> Appen
             _ => {}
         }
     }
-    AppendError::Database(error)
+    AppendError::Database(error.into())
 }
 
 /// The event store of one service database.
@@ -311,7 +311,7 @@ impl EventStore {
         stream_id: &str,
         idempotency_key: Option<&str>,
         snapshot_version: i32,
-    ) -> Result<CommandLoad, StoreError> {
+    ) -> Result<CommandLoad, StorageError> {
         let sql = format!(
             "SELECT s.version AS snap_version, s.state AS snap_state, s.first_at AS snap_first_at, \
                     s.last_at AS snap_last_at, k.stream_id AS key_stream, k.version AS key_version, \
@@ -370,7 +370,7 @@ impl EventStore {
         stream_id: &str,
         max_version: Option<i64>,
         until: Option<DateTime<Utc>>,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
+    ) -> Result<Vec<RecordedEvent>, StorageError> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 \
              AND ($2::bigint IS NULL OR version <= $2) \
@@ -390,7 +390,7 @@ impl EventStore {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn load(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, StoreError> {
+    pub async fn load(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, StorageError> {
         self.load_until(stream_id, None, None).await
     }
 
@@ -399,7 +399,7 @@ impl EventStore {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn find_idempotency_key(&self, key: &str) -> Result<Option<UsedKey>, StoreError> {
+    pub async fn find_idempotency_key(&self, key: &str) -> Result<Option<UsedKey>, StorageError> {
         let row = sqlx::query(
             "SELECT stream_id, version, position, fingerprint FROM idempotency_keys WHERE key = $1",
         )

@@ -51,3 +51,48 @@ pub async fn migrate(
     }
     Ok(())
 }
+
+/// A storage failure, classified once, where it happens: the database was
+/// unreachable or going away (retrying later or elsewhere can help), or the
+/// statement itself failed (a bug or bad data: retrying cannot help).
+/// Stores return it; handlers pass it on with `?` (it converts to a
+/// `Status`), so no handler looks at a `sqlx::Error`.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Failed(#[source] sqlx::Error),
+}
+
+impl StorageError {
+    /// Whether the database was unreachable (as opposed to refusing the
+    /// statement).
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(error: sqlx::Error) -> Self {
+        let unavailable = match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => true,
+            // Connection exceptions and operator intervention (shutdown,
+            // crash recovery).
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        };
+        if unavailable {
+            Self::Unavailable(error)
+        } else {
+            Self::Failed(error)
+        }
+    }
+}

@@ -113,23 +113,14 @@ pub fn internal(cause: &dyn std::error::Error) -> Status {
     Status::internal("internal error")
 }
 
-/// Maps a sqlx error: connection-level trouble is UNAVAILABLE (retryable),
-/// anything else INTERNAL.
-#[must_use]
-pub fn from_sqlx(error: &sqlx::Error) -> Status {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::WorkerCrashed => unavailable("database", error),
-        sqlx::Error::Database(db)
-            if db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
-        {
-            unavailable("database", error)
+/// UNAVAILABLE when the database could not be reached (retryable), else
+/// INTERNAL; the cause goes to the log only.
+impl From<crate::db::StorageError> for Status {
+    fn from(error: crate::db::StorageError) -> Self {
+        if error.is_unavailable() {
+            unavailable("database", &error)
+        } else {
+            internal(&error)
         }
-        _ => internal(error),
     }
 }

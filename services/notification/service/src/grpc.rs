@@ -196,7 +196,7 @@ impl NotificationService for NotificationApi {
                         notification: Some(to_proto(&n)),
                     }),
                     Ok(None) => continue,
-                    Err(e) => Err(status::from_sqlx(&e)),
+                    Err(e) => Err(e.into()),
                 };
                 if sender.send(item).await.is_err() {
                     return;
@@ -222,8 +222,7 @@ impl NotificationService for NotificationApi {
         let hook = self
             .store
             .add_webhook(caller.user_id, url.as_str(), &secret, limit)
-            .await
-            .map_err(|e| status::from_sqlx(&e))?
+            .await?
             .ok_or_else(|| {
                 Status::resource_exhausted(format!(
                     "at most {limit} webhooks per user; delete one first"
@@ -241,11 +240,7 @@ impl NotificationService for NotificationApi {
         request: Request<pb::ListWebhooksRequest>,
     ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
         let caller = self.auth.authenticate(request.metadata()).await?;
-        let hooks = self
-            .store
-            .webhooks(caller.user_id)
-            .await
-            .map_err(|e| status::from_sqlx(&e))?;
+        let hooks = self.store.webhooks(caller.user_id).await?;
         Ok(Response::new(pb::ListWebhooksResponse {
             webhooks: hooks.iter().map(webhook_to_proto).collect(),
         }))
@@ -259,12 +254,7 @@ impl NotificationService for NotificationApi {
         let caller = self.auth.authenticate(request.metadata()).await?;
         let id = Uuid::parse_str(request.get_ref().webhook_id.trim())
             .map_err(|_| status::invalid_argument("webhook_id", "must be a UUID"))?;
-        if !self
-            .store
-            .delete_webhook(caller.user_id, id)
-            .await
-            .map_err(|e| status::from_sqlx(&e))?
-        {
+        if !self.store.delete_webhook(caller.user_id, id).await? {
             return Err(Status::not_found(format!("webhook {id} not found")));
         }
         Ok(Response::new(pb::DeleteWebhookResponse {}))
@@ -300,8 +290,7 @@ impl NotificationService for NotificationApi {
         let rows = self
             .store
             .list(user_id, page.after, page.fetch_limit())
-            .await
-            .map_err(|e| status::from_sqlx(&e))?;
+            .await?;
         let (rows, next_page_token) = page.finish(rows, |n| n.seq.to_string());
         Ok(Response::new(pb::ListNotificationsResponse {
             notifications: rows.iter().map(to_proto).collect(),

@@ -3,6 +3,7 @@
 //! was handled on a channel: a redelivered event delivers nothing twice.
 
 use chrono::{DateTime, Utc};
+use platform::db::StorageError;
 use sqlx::{PgConnection, PgPool, Row as _, postgres::PgRow};
 use uuid::Uuid;
 
@@ -136,7 +137,7 @@ impl NotificationStore {
         user_id: Uuid,
         before: Option<i64>,
         limit: i64,
-    ) -> Result<Vec<NotificationRecord>, sqlx::Error> {
+    ) -> Result<Vec<NotificationRecord>, StorageError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM notifications WHERE user_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
         );
@@ -146,7 +147,7 @@ impl NotificationStore {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(notification).collect()
+        Ok(rows.iter().map(notification).collect::<Result<_, _>>()?)
     }
 
     /// One notification by id.
@@ -154,13 +155,13 @@ impl NotificationStore {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn get(&self, id: Uuid) -> Result<Option<NotificationRecord>, sqlx::Error> {
+    pub async fn get(&self, id: Uuid) -> Result<Option<NotificationRecord>, StorageError> {
         let sql = format!("SELECT {COLUMNS} FROM notifications WHERE id = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(notification).transpose()
+        Ok(row.as_ref().map(notification).transpose()?)
     }
 
     /// Remembers a user's email address (from `user.created`).
@@ -273,7 +274,7 @@ impl NotificationStore {
         url: &str,
         secret: &str,
         max_per_user: u32,
-    ) -> Result<Option<Webhook>, sqlx::Error> {
+    ) -> Result<Option<Webhook>, StorageError> {
         let mut tx = self.pool.begin().await?;
         // Serializes one user's registrations so the cap holds under races.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 42))")
@@ -294,7 +295,7 @@ impl NotificationStore {
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
-        row.as_ref().map(webhook).transpose()
+        Ok(row.as_ref().map(webhook).transpose()?)
     }
 
     /// A user's active webhooks, oldest first.
@@ -302,7 +303,7 @@ impl NotificationStore {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn webhooks(&self, user_id: Uuid) -> Result<Vec<Webhook>, sqlx::Error> {
+    pub async fn webhooks(&self, user_id: Uuid) -> Result<Vec<Webhook>, StorageError> {
         let rows = sqlx::query(
             "SELECT id, user_id, url, secret, created_at FROM webhooks \
              WHERE user_id = $1 AND deleted_at IS NULL ORDER BY id",
@@ -310,7 +311,7 @@ impl NotificationStore {
         .bind(user_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(webhook).collect()
+        Ok(rows.iter().map(webhook).collect::<Result<_, _>>()?)
     }
 
     /// Deactivates one of `user_id`'s webhooks; `false` if it has none by that id.
@@ -318,7 +319,7 @@ impl NotificationStore {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn delete_webhook(&self, user_id: Uuid, id: Uuid) -> Result<bool, sqlx::Error> {
+    pub async fn delete_webhook(&self, user_id: Uuid, id: Uuid) -> Result<bool, StorageError> {
         let affected = sqlx::query(
             "UPDATE webhooks SET deleted_at = now() WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL",
         )

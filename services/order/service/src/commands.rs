@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use es::{Aggregate as _, EventContext, RecordedEvent};
 use es_postgres::{
-    AppendError, Appended, EventStore, IdempotencyKey, NewEvent, SnapshotWrite, StoreError,
+    AppendError, Appended, EventStore, IdempotencyKey, NewEvent, SnapshotWrite, StorageError,
 };
 use order_domain::{DecodeError, Order, OrderCommand, OrderError, OrderEvent};
 use uuid::Uuid;
@@ -39,7 +39,7 @@ pub enum CommandError {
     #[error("stored event cannot be read: {0}")]
     Decode(#[from] DecodeError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] StorageError),
     #[error(transparent)]
     Append(AppendError),
 }

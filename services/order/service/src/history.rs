@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use es::{Aggregate as _, RecordedEvent};
-use es_postgres::{EventStore, StoreError};
+use es_postgres::{EventStore, StorageError};
 use order_domain::{DecodeError, Order, OrderEvent};
 use uuid::Uuid;
 
@@ -12,7 +12,7 @@ use uuid::Uuid;
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] StorageError),
     #[error("stored event cannot be read: {0}")]
     Decode(#[from] DecodeError),
 }

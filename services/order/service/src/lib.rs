@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod history;
 pub mod integration;
 pub mod projections;
+pub mod proto;
 pub mod queries;
 
 pub use app::Application;

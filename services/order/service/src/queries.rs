@@ -8,7 +8,10 @@ use order_domain::{OrderLine, OrderStatus, ShippingAddress};
 use sqlx::{PgPool, Row as _, postgres::PgRow};
 use uuid::Uuid;
 
-use crate::projections::{ORDER_SUMMARY, ORDERS_BY_USER};
+use crate::{
+    projections::{ORDER_SUMMARY, ORDERS_BY_USER},
+    proto::{address_to_proto, lines_to_proto, status_to_proto},
+};
 
 /// Why a query failed.
 #[derive(Debug, thiserror::Error)]
@@ -18,9 +21,15 @@ pub enum QueryError {
     #[error("position {0} was never written")]
     UnknownPosition(i64),
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(#[from] platform::db::StorageError),
     #[error("read model row is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
+}
+
+impl From<sqlx::Error> for QueryError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error.into())
+    }
 }
 
 /// The order read models.
@@ -28,43 +37,6 @@ pub enum QueryError {
 pub struct ReadModels {
     pool: PgPool,
     max_wait: Duration,
-}
-
-pub(crate) fn status_to_proto(status: Option<OrderStatus>) -> pb::OrderStatus {
-    match status {
-        None => pb::OrderStatus::Unspecified,
-        Some(OrderStatus::Created) => pb::OrderStatus::Created,
-        Some(OrderStatus::Paid) => pb::OrderStatus::Paid,
-        Some(OrderStatus::Shipped) => pb::OrderStatus::Shipped,
-        Some(OrderStatus::Delivered) => pb::OrderStatus::Delivered,
-        Some(OrderStatus::Cancelled) => pb::OrderStatus::Cancelled,
-    }
-}
-
-pub(crate) fn lines_to_proto(lines: &[OrderLine]) -> Vec<pb::OrderItem> {
-    lines
-        .iter()
-        .map(|line| pb::OrderItem {
-            sku: line.sku.as_str().to_owned(),
-            quantity: i32::try_from(line.quantity.get()).unwrap_or(i32::MAX),
-            unit_price_minor: line.unit_price.minor(),
-        })
-        .collect()
-}
-
-pub(crate) fn address_to_proto(address: &ShippingAddress) -> pb::ShippingAddress {
-    pb::ShippingAddress {
-        name: address.name.to_string(),
-        line1: address.line1.to_string(),
-        line2: address
-            .line2
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        city: address.city.to_string(),
-        postal_code: address.postal_code.to_string(),
-        country: address.country.as_str().to_owned(),
-    }
 }
 
 fn status_of(row: &PgRow) -> Result<pb::OrderStatus, QueryError> {

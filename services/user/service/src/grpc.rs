@@ -4,6 +4,7 @@
 use chrono::Utc;
 use contracts::user::v1::{self as pb, user_service_server::UserService};
 use es::EventContext;
+use es_postgres::AppendError;
 use platform::status::{self, FieldViolations};
 use tonic::{Request, Response, Status};
 use user_domain::{Email, Password};
@@ -120,15 +121,7 @@ impl UserService for UserApi {
             actor: id.to_string(),
             traceparent,
         };
-        let user = self
-            .store
-            .create(id, &email, &hash, &context)
-            .await
-            .map_err(|e| match e {
-                StoreError::EmailTaken => status::already_exists("email", "is already registered"),
-                StoreError::Database(e) => status::from_sqlx(&e),
-                StoreError::Append(e) => status::unavailable("database", &e),
-            })?;
+        let user = self.store.create(id, &email, &hash, &context).await?;
         self.metrics.events_appended("user.created", 1);
         tracing::info!(user_id = %user.id, "user created");
         Ok(Response::new(pb::CreateUserResponse {
@@ -188,21 +181,12 @@ impl UserService for UserApi {
             .throttle
             .enter(&attempt)
             .ok_or_else(|| busy_sign_in(std::time::Duration::from_secs(1)))?;
-        if let Some(throttled) = self
-            .throttle
-            .check(&attempt)
-            .await
-            .map_err(|e| status::from_sqlx(&e))?
-        {
+        if let Some(throttled) = self.throttle.check(&attempt).await? {
             return Err(too_many_failures(throttled.retry_after));
         }
         // A malformed email cannot belong to anyone: same answer as unknown.
         let user = match parsed {
-            Ok(email) => self
-                .store
-                .find_by_email(&email)
-                .await
-                .map_err(|e| status::from_sqlx(&e))?,
+            Ok(email) => self.store.find_by_email(&email).await?,
             Err(_) => None,
         };
         let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
@@ -211,16 +195,10 @@ impl UserService for UserApi {
             .hashing(move || auth::verify_password(&password, stored_hash.as_deref()))
             .await?;
         let Some(user) = user.filter(|_| ok) else {
-            self.throttle
-                .record_failure(&attempt)
-                .await
-                .map_err(|e| status::from_sqlx(&e))?;
+            self.throttle.record_failure(&attempt).await?;
             return Err(Status::unauthenticated(BAD_CREDENTIALS));
         };
-        self.throttle
-            .record_success(&attempt)
-            .await
-            .map_err(|e| status::from_sqlx(&e))?;
+        self.throttle.record_success(&attempt).await?;
         let (token, claims) = self.tokens.issue(user.id, &user.email, Utc::now());
         Ok(Response::new(pb::AuthenticateResponse {
             access_token: token,
@@ -270,11 +248,22 @@ impl UserService for UserApi {
         let user = self
             .store
             .get(id)
-            .await
-            .map_err(|e| status::from_sqlx(&e))?
+            .await?
             .ok_or_else(|| Status::not_found(format!("user {id} not found")))?;
         Ok(Response::new(pb::GetUserResponse {
             user: Some(to_proto(&user)),
         }))
+    }
+}
+
+/// The one mapping from the store's errors to `Status` (storage errors
+/// arrive classified: UNAVAILABLE when the database could not be reached).
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::EmailTaken => status::already_exists("email", "is already registered"),
+            StoreError::Database(e) | StoreError::Append(AppendError::Database(e)) => e.into(),
+            StoreError::Append(e) => status::internal(&e),
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use es::EventContext;
-use es_postgres::{AppendError, NewEvent};
+use es_postgres::{AppendError, NewEvent, StorageError};
 use sqlx::{PgPool, Row as _};
 use user_domain::{Email, UserEvent};
 use uuid::Uuid;
@@ -23,9 +23,15 @@ pub enum StoreError {
     #[error("email is already registered")]
     EmailTaken,
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(#[from] StorageError),
     #[error(transparent)]
     Append(#[from] AppendError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error.into())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -71,7 +77,7 @@ impl UserStore {
             sqlx::Error::Database(db) if db.constraint() == Some("users_email_key") => {
                 StoreError::EmailTaken
             }
-            _ => StoreError::Database(e),
+            _ => e.into(),
         })?;
         let stream = format!("{}-{id}", user_domain::STREAM_PREFIX);
         es_postgres::store::append(&mut *tx, &stream, 0, &[new_event], context, None, None).await?;
@@ -87,25 +93,25 @@ impl UserStore {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn find_by_email(&self, email: &Email) -> Result<Option<UserRecord>, sqlx::Error> {
+    pub async fn find_by_email(&self, email: &Email) -> Result<Option<UserRecord>, StorageError> {
         let row =
             sqlx::query("SELECT id, email, password_hash, created_at FROM users WHERE email = $1")
                 .bind(email.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
-        row.as_ref().map(record).transpose()
+        Ok(row.as_ref().map(record).transpose()?)
     }
 
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, sqlx::Error> {
+    pub async fn get(&self, id: Uuid) -> Result<Option<UserRecord>, StorageError> {
         let row =
             sqlx::query("SELECT id, email, password_hash, created_at FROM users WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
-        row.as_ref().map(record).transpose()
+        Ok(row.as_ref().map(record).transpose()?)
     }
 }
 

@@ -25,7 +25,10 @@ use std::{
 };
 
 use hmac::{KeyInit as _, Mac as _};
-use platform::net::{Networks, canonical};
+use platform::{
+    db::StorageError,
+    net::{Networks, canonical},
+};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -279,7 +282,7 @@ impl SignInThrottle {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn check(&self, attempt: &Attempt) -> Result<Option<Throttled>, sqlx::Error> {
+    pub async fn check(&self, attempt: &Attempt) -> Result<Option<Throttled>, StorageError> {
         let rows: Vec<(i64, f64, bool)> = sqlx::query_as(
             "SELECT bucket, \
                     GREATEST(EXTRACT(EPOCH FROM blocked_until - now()), 0)::float8, \
@@ -312,7 +315,7 @@ impl SignInThrottle {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn record_failure(&self, attempt: &Attempt) -> Result<(), sqlx::Error> {
+    pub async fn record_failure(&self, attempt: &Attempt) -> Result<(), StorageError> {
         let s = &self.settings;
         let free = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
         // The scope's count after this failure (a new window when the last
@@ -356,7 +359,7 @@ impl SignInThrottle {
     /// # Errors
     ///
     /// Fails when Postgres is unreachable.
-    pub async fn record_success(&self, attempt: &Attempt) -> Result<(), sqlx::Error> {
+    pub async fn record_success(&self, attempt: &Attempt) -> Result<(), StorageError> {
         sqlx::query(
             "INSERT INTO sign_in_throttle (bucket, free_failures, failures, last_success, success_tag) \
              VALUES ($1, $2, 0, now(), $3) \

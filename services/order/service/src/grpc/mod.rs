@@ -1,26 +1,30 @@
 //! The `shop.order.v1.OrderService` API: authenticate, parse proto into
 //! domain values (collecting every bad field), run commands or read models,
-//! and the one mapping from errors to `Status`.
+//! and answer; parsing is in [`parse`], the mapping from errors to
+//! `Status` in [`errors`], to proto in [`crate::proto`].
+
+mod errors;
+mod parse;
 
 use contracts::order::v1::{self as pb, order_service_server::OrderService};
-use es::EventContext;
-use es_postgres::IdempotencyKey;
 use order_domain::{
-    AddressLine, CancelReason, Carrier, CountryCode, Currency, Order, OrderCommand, OrderError,
-    OrderLine, OrderStatus, PaymentReference, Quantity, ShippingAddress, Sku, TrackingNumber,
-    UnitPrice,
+    CancelReason, Carrier, OrderCommand, OrderStatus, PaymentReference, TrackingNumber,
 };
-use platform::status::{self, FieldViolations};
+use platform::{auth::Authenticator, status::FieldViolations};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
-use platform::auth::{Authenticator, Caller};
-
 use crate::{
-    commands::{CommandError, OrderCommands, Outcome, Times},
-    history::{self, At, HistoryError},
+    commands::OrderCommands,
+    history::{self, At},
     projections::{ORDER_SUMMARY, ORDERS_BY_USER},
-    queries::{self, QueryError, ReadModels},
+    proto::{answer, entry_to_proto, order_to_proto},
+    queries::ReadModels,
+};
+use errors::not_found;
+use parse::{
+    Common, check_expected_version, check_key, context, fingerprint, parse_create, parse_order_id,
+    scoped_key,
 };
 
 /// Handlers of `OrderService`.
@@ -74,266 +78,8 @@ impl OrderApi {
                 &context,
                 key.as_ref(),
             )
-            .await
-            .map_err(|e| command_error(&e))?;
+            .await?;
         Ok(answer(&outcome))
-    }
-}
-
-/// The fields every command on an existing order carries.
-#[derive(Debug, Clone)]
-struct Common<'a> {
-    order_id: &'a str,
-    idempotency_key: &'a str,
-    expected_version: i64,
-    /// See [`fingerprint`].
-    fingerprint: String,
-}
-
-const MAX_KEY_LEN: usize = 128;
-
-fn context(metadata: &MetadataMap, caller: Caller) -> EventContext {
-    let correlation_id = platform::grpc::correlation_id(metadata);
-    EventContext {
-        correlation_id,
-        causation_id: Uuid::now_v7(),
-        actor: caller.user_id.to_string(),
-        traceparent: platform::trace::current_traceparent()
-            .or_else(|| platform::grpc::traceparent(metadata)),
-    }
-}
-
-/// Keys are per user: one user's key never collides with another's.
-fn scoped_key(caller: Caller, key: &str, fingerprint: String) -> Option<IdempotencyKey> {
-    (!key.is_empty()).then(|| IdempotencyKey {
-        key: format!("{}:{key}", caller.user_id),
-        fingerprint,
-    })
-}
-
-/// What binds an idempotency key to its request: a hash of the RPC and
-/// every field but the key itself, so reusing a key for another command or
-/// another body is refused instead of answered with the first request's
-/// result. Empty when the request has no key.
-fn fingerprint<M: prost::Message + Clone>(
-    rpc: &str,
-    request: &M,
-    key_of: impl FnOnce(&mut M) -> &mut String,
-) -> String {
-    use sha2::Digest as _;
-    let mut bare = request.clone();
-    if std::mem::take(key_of(&mut bare)).is_empty() {
-        return String::new();
-    }
-    let digest = sha2::Sha256::new()
-        .chain_update(rpc.as_bytes())
-        .chain_update([0])
-        .chain_update(bare.encode_to_vec())
-        .finalize();
-    platform::hex::encode(&digest)
-}
-
-fn check_key(violations: &mut FieldViolations, key: &str) {
-    if key.len() > MAX_KEY_LEN {
-        violations.add(
-            "idempotency_key",
-            format!("must be at most {MAX_KEY_LEN} characters"),
-        );
-    } else if key.chars().any(char::is_control) {
-        // NUL cannot be stored at all; other control characters are noise.
-        violations.add("idempotency_key", "must not contain control characters");
-    }
-}
-
-fn check_expected_version(violations: &mut FieldViolations, version: i64) {
-    if version < 0 {
-        violations.add("expected_version", "must not be negative (0 means any)");
-    }
-}
-
-fn parse_order_id(violations: &mut FieldViolations, raw: &str) -> Option<Uuid> {
-    violations.check(
-        "order_id",
-        Uuid::parse_str(raw.trim()).map_err(|_| "must be a UUID"),
-    )
-}
-
-fn parse_address(
-    violations: &mut FieldViolations,
-    address: Option<&pb::ShippingAddress>,
-) -> Option<ShippingAddress> {
-    let Some(address) = address else {
-        violations.add("shipping_address", "is required");
-        return None;
-    };
-    let name = violations.check("shipping_address.name", AddressLine::parse(&address.name));
-    let line1 = violations.check("shipping_address.line1", AddressLine::parse(&address.line1));
-    let line2 = if address.line2.trim().is_empty() {
-        Some(None)
-    } else {
-        violations
-            .check("shipping_address.line2", AddressLine::parse(&address.line2))
-            .map(Some)
-    };
-    let city = violations.check("shipping_address.city", AddressLine::parse(&address.city));
-    let postal_code = violations.check(
-        "shipping_address.postal_code",
-        AddressLine::parse(&address.postal_code),
-    );
-    let country = violations.check(
-        "shipping_address.country",
-        CountryCode::parse(&address.country),
-    );
-    Some(ShippingAddress {
-        name: name?,
-        line1: line1?,
-        line2: line2?,
-        city: city?,
-        postal_code: postal_code?,
-        country: country?,
-    })
-}
-
-/// Parses a create request into a command, naming every bad field.
-fn parse_create(request: &pb::CreateOrderRequest, caller: Caller) -> Result<OrderCommand, Status> {
-    let mut violations = FieldViolations::new();
-    let currency = violations.check("currency", Currency::parse(&request.currency));
-    if request.items.is_empty() {
-        violations.add("items", "at least one item is required");
-    }
-    if request.items.len() > order_domain::MAX_LINES {
-        violations.add(
-            "items",
-            format!("at most {} items are allowed", order_domain::MAX_LINES),
-        );
-    }
-    let mut lines = Vec::with_capacity(request.items.len());
-    for (i, item) in request.items.iter().enumerate() {
-        let sku = violations.check(format!("items[{i}].sku"), Sku::parse(&item.sku));
-        let quantity = violations.check(
-            format!("items[{i}].quantity"),
-            Quantity::new(i64::from(item.quantity)),
-        );
-        let unit_price = violations.check(
-            format!("items[{i}].unit_price_minor"),
-            UnitPrice::new(item.unit_price_minor),
-        );
-        if let (Some(sku), Some(quantity), Some(unit_price)) = (sku, quantity, unit_price) {
-            lines.push(OrderLine {
-                sku,
-                quantity,
-                unit_price,
-            });
-        }
-    }
-    let shipping_address = parse_address(&mut violations, request.shipping_address.as_ref());
-    check_key(&mut violations, &request.idempotency_key);
-    match (currency, shipping_address) {
-        (Some(currency), Some(shipping_address)) if violations.is_empty() => {
-            Ok(OrderCommand::Create {
-                order_id: Uuid::now_v7(),
-                user_id: caller.user_id,
-                currency,
-                lines,
-                shipping_address,
-            })
-        }
-        _ => Err(violations.into_status()),
-    }
-}
-
-fn command_error(error: &CommandError) -> Status {
-    match error {
-        CommandError::Rejected(rejected) => match rejected {
-            OrderError::AlreadyExists { .. } => Status::already_exists(rejected.to_string()),
-            OrderError::NotFound => Status::not_found(rejected.to_string()),
-            OrderError::NoLines | OrderError::TooManyLines | OrderError::TotalOverflow => {
-                status::invalid_argument("items", rejected)
-            }
-            OrderError::AmountMismatch { .. } => status::invalid_argument("amount_minor", rejected),
-            OrderError::InvalidTransition { .. } | OrderError::NoShippingAddress { .. } => {
-                Status::failed_precondition(rejected.to_string())
-            }
-        },
-        CommandError::NotFound(_) => Status::not_found(error.to_string()),
-        CommandError::WrongVersion { .. } | CommandError::Conflict(_) => {
-            Status::aborted(error.to_string())
-        }
-        CommandError::KeyReused => status::invalid_argument(
-            "idempotency_key",
-            "was already used for a different request",
-        ),
-        CommandError::Decode(e) => status::internal(e),
-        CommandError::Store(e) => status::unavailable("database", e),
-        CommandError::Append(es_postgres::AppendError::Database(e)) => status::from_sqlx(e),
-        CommandError::Append(e) => status::internal(e),
-    }
-}
-
-fn query_error(error: &QueryError) -> Status {
-    match error {
-        QueryError::NotCaughtUp(_) => Status::unavailable(error.to_string()),
-        QueryError::UnknownPosition(_) => status::invalid_argument("min_position", error),
-        QueryError::Database(e) => status::from_sqlx(e),
-        QueryError::Corrupt(e) => status::internal(e),
-    }
-}
-
-fn history_error(error: &HistoryError) -> Status {
-    match error {
-        HistoryError::Store(e) => status::unavailable("database", e),
-        HistoryError::Decode(e) => status::internal(e),
-    }
-}
-
-/// The API view of an aggregate state.
-#[must_use]
-pub fn order_to_proto(order: &Order, (created_at, updated_at): Times) -> pb::Order {
-    let text = |value: Option<String>| value.unwrap_or_default();
-    pb::Order {
-        id: order.id.map(|id| id.to_string()).unwrap_or_default(),
-        user_id: order.user_id.map(|id| id.to_string()).unwrap_or_default(),
-        status: queries::status_to_proto(order.status).into(),
-        items: queries::lines_to_proto(&order.lines),
-        total: order.currency.as_ref().map(|currency| pb::Money {
-            currency: currency.to_string(),
-            amount_minor: order.total_minor,
-        }),
-        version: order.version,
-        created_at: Some(contracts::timestamp(created_at)),
-        updated_at: Some(contracts::timestamp(updated_at)),
-        shipping_address: order
-            .shipping_address
-            .as_ref()
-            .map(queries::address_to_proto),
-        payment_reference: text(order.payment_reference.as_ref().map(ToString::to_string)),
-        carrier: text(order.carrier.as_ref().map(ToString::to_string)),
-        tracking_number: text(order.tracking_number.as_ref().map(ToString::to_string)),
-        cancel_reason: text(order.cancel_reason.as_ref().map(ToString::to_string)),
-    }
-}
-
-fn answer(outcome: &Outcome) -> (pb::Order, i64) {
-    (
-        order_to_proto(&outcome.order, outcome.times),
-        outcome.position,
-    )
-}
-
-fn entry_to_proto(entry: &history::Entry) -> pb::OrderEventRecord {
-    let recorded = &entry.recorded;
-    pb::OrderEventRecord {
-        event_id: recorded.event_id.to_string(),
-        version: recorded.version,
-        position: recorded.position,
-        event_type: recorded.event_type.clone(),
-        schema_version: recorded.schema_version,
-        occurred_at: Some(contracts::timestamp(recorded.occurred_at)),
-        correlation_id: recorded.context.correlation_id.to_string(),
-        causation_id: recorded.context.causation_id.to_string(),
-        actor: recorded.context.actor.clone(),
-        traceparent: recorded.context.traceparent.clone().unwrap_or_default(),
-        payload_json: serde_json::to_string(&entry.event).unwrap_or_default(),
     }
 }
 
@@ -343,10 +89,6 @@ fn owner(entries: &[history::Entry]) -> Option<Uuid> {
         Some(order_domain::OrderEvent::Created { user_id, .. }) => Some(*user_id),
         _ => None,
     }
-}
-
-fn not_found(order_id: Uuid) -> Status {
-    Status::not_found(format!("order {order_id} not found"))
 }
 
 #[tonic::async_trait]
@@ -369,8 +111,7 @@ impl OrderService for OrderApi {
         let outcome = self
             .commands
             .create(command, &context, key.as_ref())
-            .await
-            .map_err(|e| command_error(&e))?;
+            .await?;
         let (order, position) = answer(&outcome);
         tracing::info!(order_id = %order.id, position, "order created");
         Ok(Response::new(pb::CreateOrderResponse {
@@ -503,16 +244,12 @@ impl OrderService for OrderApi {
         };
         violations.into_result()?;
         if r.min_position > 0 {
-            self.reads
-                .wait_for(ORDER_SUMMARY, r.min_position)
-                .await
-                .map_err(|e| query_error(&e))?;
+            self.reads.wait_for(ORDER_SUMMARY, r.min_position).await?;
         }
         let order = self
             .reads
             .order(order_id)
-            .await
-            .map_err(|e| query_error(&e))?
+            .await?
             // Another user's order is reported as missing, not forbidden: ids leak nothing.
             .filter(|order| order.user_id == caller.user_id.to_string())
             .ok_or_else(|| not_found(order_id))?;
@@ -548,16 +285,12 @@ impl OrderService for OrderApi {
         };
         violations.into_result()?;
         if r.min_position > 0 {
-            self.reads
-                .wait_for(ORDERS_BY_USER, r.min_position)
-                .await
-                .map_err(|e| query_error(&e))?;
+            self.reads.wait_for(ORDERS_BY_USER, r.min_position).await?;
         }
         let rows = self
             .reads
             .list(caller.user_id, status, page.after, page.fetch_limit())
-            .await
-            .map_err(|e| query_error(&e))?;
+            .await?;
         let (orders, next_page_token) = page.finish(rows, |o| o.id.clone());
         Ok(Response::new(pb::ListOrdersResponse {
             orders,
@@ -575,9 +308,7 @@ impl OrderService for OrderApi {
         let Some(order_id) = parse_order_id(&mut violations, &request.get_ref().order_id) else {
             return Err(violations.into_status());
         };
-        let entries = history::trail(self.commands.store(), order_id, None)
-            .await
-            .map_err(|e| history_error(&e))?;
+        let entries = history::trail(self.commands.store(), order_id, None).await?;
         if owner(&entries) != Some(caller.user_id) {
             return Err(not_found(order_id));
         }
@@ -617,8 +348,7 @@ impl OrderService for OrderApi {
             return Err(violations.into_status());
         };
         let (order, entries) = history::state_at(self.commands.store(), order_id, at)
-            .await
-            .map_err(|e| history_error(&e))?
+            .await?
             .filter(|(order, _)| order.user_id == Some(caller.user_id))
             .ok_or_else(|| {
                 Status::not_found(format!("order {order_id} did not exist at that point"))
