@@ -96,3 +96,20 @@ impl From<sqlx::Error> for StorageError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_out_of_reach_is_unavailable_and_a_refused_statement_internal() {
+        let unreachable = StorageError::from(sqlx::Error::PoolTimedOut);
+        assert!(unreachable.is_unavailable());
+        let status = tonic::Status::from(unreachable);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let refused = tonic::Status::from(StorageError::from(sqlx::Error::RowNotFound));
+        assert_eq!(refused.code(), tonic::Code::Internal);
+        // The cause goes to the log, not to the caller.
+        assert_eq!(refused.message(), "internal error");
+    }
+}
