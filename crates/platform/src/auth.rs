@@ -58,12 +58,12 @@ impl Authenticator {
     ) -> Result<Self, StartError> {
         let url = &settings.url;
         let mut endpoint = Channel::from_shared(url.clone())
-            .map_err(|e| StartError::Other(format!("user_service url {url:?}: {e}")))?
+            .map_err(|e| StartError::setting(format!("APP_USER_SERVICE__URL {url:?}"), e))?
             .connect_timeout(Duration::from_millis(settings.per_try_timeout_ms));
         if let Some(tls) = settings.tls.config(url, "APP_USER_SERVICE__TLS__")? {
             endpoint = endpoint
                 .tls_config(tls)
-                .map_err(|e| StartError::Other(format!("APP_USER_SERVICE__TLS__*: {e}")))?;
+                .map_err(|e| StartError::setting("APP_USER_SERVICE__TLS__*", e))?;
         }
         let channel = endpoint.connect_lazy();
         Ok(Self {

@@ -123,7 +123,7 @@ pub async fn serve(
     if let Some(tls) = tls {
         server = server
             .tls_config(tls)
-            .map_err(|e| StartError::Other(format!("APP_TLS__*: {e}")))?;
+            .map_err(|e| StartError::setting("APP_TLS__*", e))?;
     }
     server
         .layer(tower::layer::layer_fn(move |inner| Observe {
@@ -135,7 +135,7 @@ pub async fn serve(
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), stopping)
         .await
-        .map_err(|e| StartError::Other(format!("gRPC server: {e}")))
+        .map_err(StartError::Serve)
 }
 
 /// Every gRPC method the services define (`/package.Service/Method`), from

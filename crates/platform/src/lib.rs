@@ -21,7 +21,10 @@ pub mod telemetry;
 pub mod tls;
 pub mod trace;
 
-/// Why a service could not start.
+/// Any error, boxed, as a cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a service could not start. Every variant carries its cause.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("configuration: {0}")]
@@ -30,8 +33,12 @@ pub enum StartError {
     Database(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("nats: {0}")]
-    Nats(String),
+    #[error("nats at {url}: {source}")]
+    Nats {
+        url: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("binding {addr}: {source}")]
     Bind {
         addr: String,
@@ -40,6 +47,31 @@ pub enum StartError {
     },
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("{0}")]
-    Other(String),
+    #[error("gRPC server: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    /// A setting that cannot be used: which one, and why.
+    #[error("{setting}: {source}")]
+    Setting {
+        setting: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StartError {
+    /// A setting (named as in the environment) that cannot be used.
+    pub fn setting(setting: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Setting {
+            setting: setting.into(),
+            source: source.into(),
+        }
+    }
+
+    /// NATS at `url` could not be reached or refused a declaration.
+    pub fn nats(url: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Nats {
+            url: url.into(),
+            source: source.into(),
+        }
+    }
 }

@@ -43,7 +43,7 @@ pub async fn connect(
                 tracing::warn!(%error, url, "nats not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(error) => return Err(crate::StartError::Nats(format!("{url}: {error}"))),
+            Err(error) => return Err(crate::StartError::nats(url, error)),
         }
     }
 }

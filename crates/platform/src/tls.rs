@@ -44,7 +44,7 @@ pub struct ClientTls {
 }
 
 fn read(setting: &str, path: &str) -> Result<Vec<u8>, StartError> {
-    std::fs::read(path).map_err(|e| StartError::Other(format!("{setting} {path}: {e}")))
+    std::fs::read(path).map_err(|e| StartError::setting(format!("{setting} {path}"), e))
 }
 
 fn identity(prefix: &str, cert_file: &str, key_file: &str) -> Result<Identity, StartError> {
@@ -53,9 +53,10 @@ fn identity(prefix: &str, cert_file: &str, key_file: &str) -> Result<Identity, S
             read(&format!("{prefix}CERT_FILE"), cert_file)?,
             read(&format!("{prefix}KEY_FILE"), key_file)?,
         )),
-        _ => Err(StartError::Other(format!(
-            "{prefix}CERT_FILE and {prefix}KEY_FILE must be set together"
-        ))),
+        _ => Err(StartError::setting(
+            format!("{prefix}CERT_FILE"),
+            format!("{prefix}CERT_FILE and {prefix}KEY_FILE must be set together"),
+        )),
     }
 }
 
@@ -101,9 +102,10 @@ impl ClientTls {
             !(self.ca_file.is_empty() && self.cert_file.is_empty() && self.key_file.is_empty());
         if !https {
             return if files {
-                Err(StartError::Other(format!(
-                    "{prefix}* is set but {url} is not https"
-                )))
+                Err(StartError::setting(
+                    format!("{prefix}*"),
+                    format!("is set but {url} is not https"),
+                ))
             } else {
                 Ok(None)
             };

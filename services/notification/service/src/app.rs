@@ -88,21 +88,24 @@ impl Application {
             consumers.push(
                 messaging::ensure_consumer(&js, spec, &settings.streams)
                     .await
-                    .map_err(|e| StartError::Nats(e.to_string()))?,
+                    .map_err(|e| StartError::nats(&settings.nats_url, e))?,
             );
         }
         messaging::declare_stream(&js, messaging::dlq::DLQ_STREAM, &settings.streams)
             .await
-            .map_err(|e| StartError::Nats(e.to_string()))?;
+            .map_err(|e| StartError::nats(&settings.nats_url, e))?;
         let store = NotificationStore::new(pool.clone());
         let egress = crate::egress::Egress::new(&settings.webhook_allowed_networks)
-            .map_err(|e| StartError::Other(format!("APP_WEBHOOK_ALLOWED_NETWORKS: {e}")))?;
+            .map_err(|e| StartError::setting("APP_WEBHOOK_ALLOWED_NETWORKS", e))?;
         let deliverer = Deliverer {
             store: store.clone(),
             js: js.clone(),
             log: settings.channel_enabled("log"),
             mailer: if settings.channel_enabled("email") {
-                Some(Mailer::new(&settings.smtp).map_err(|e| StartError::Other(e.to_string()))?)
+                Some(
+                    Mailer::new(&settings.smtp)
+                        .map_err(|e| StartError::setting("APP_SMTP__*", e))?,
+                )
             } else {
                 None
             },
@@ -112,7 +115,7 @@ impl Application {
                         Duration::from_millis(settings.webhook_timeout_ms),
                         egress.clone(),
                     )
-                    .map_err(|e| StartError::Other(e.to_string()))?,
+                    .map_err(|e| StartError::setting("APP_CHANNELS (webhook client)", e))?,
                 )
             } else {
                 None

@@ -56,7 +56,7 @@ impl Application {
         let (nats, js) = platform::nats::connect(&settings.nats_url, "order-service", wait).await?;
         messaging::declare_stream(&js, messaging::ORDERS_STREAM, &settings.streams)
             .await
-            .map_err(|e| StartError::Nats(e.to_string()))?;
+            .map_err(|e| StartError::nats(&settings.nats_url, e))?;
         let metrics = Metrics::new();
         metrics.set_build_info("order-service", env!("CARGO_PKG_VERSION"));
         let relay = Relay::new(

@@ -51,7 +51,7 @@ impl Application {
         let (nats, js) = platform::nats::connect(&settings.nats_url, "user-service", wait).await?;
         messaging::declare_stream(&js, messaging::USERS_STREAM, &settings.streams)
             .await
-            .map_err(|e| StartError::Nats(e.to_string()))?;
+            .map_err(|e| StartError::nats(&settings.nats_url, e))?;
         let metrics = Metrics::new();
         metrics.set_build_info("user-service", env!("CARGO_PKG_VERSION"));
         let relay = Relay::new(
@@ -64,7 +64,7 @@ impl Application {
         let auth = &settings.auth;
         let (tokens, signing_key) = token_issuer(auth)?;
         let throttle = SignInThrottle::new(pool.clone(), auth.throttle.clone(), &signing_key)
-            .map_err(StartError::Other)?;
+            .map_err(|e| StartError::setting("APP_AUTH__THROTTLE__*", e))?;
         let api = UserApi::new(
             UserStore::new(pool.clone()),
             tokens,
@@ -140,9 +140,10 @@ const MIN_KEY_BYTES: usize = 32;
 
 fn check_key(what: &str, key: &[u8]) -> Result<(), StartError> {
     if key.len() < MIN_KEY_BYTES {
-        return Err(StartError::Other(format!(
-            "{what} must be at least {MIN_KEY_BYTES} bytes"
-        )));
+        return Err(StartError::setting(
+            what,
+            format!("must be at least {MIN_KEY_BYTES} bytes"),
+        ));
     }
     Ok(())
 }
@@ -153,9 +154,7 @@ fn token_issuer(auth: &AuthSettings) -> Result<(TokenIssuer, Vec<u8>), StartErro
     let ttl = chrono::Duration::seconds(i64::try_from(auth.token_ttl_secs).unwrap_or(3600));
     let key = match &auth.signing_key_file {
         Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| {
-                StartError::Other(format!("reading APP_AUTH__SIGNING_KEY_FILE {path}: {e}"))
-            })?
+            .map_err(|e| StartError::setting(format!("APP_AUTH__SIGNING_KEY_FILE {path}"), e))?
             .trim()
             .as_bytes()
             .to_vec(),
@@ -182,7 +181,7 @@ fn token_issuer(auth: &AuthSettings) -> Result<(TokenIssuer, Vec<u8>), StartErro
         .filter(|e| !e.is_empty())
     {
         let (kid, key) = entry.split_once('=').ok_or_else(|| {
-            StartError::Other("APP_AUTH__VERIFICATION_KEYS must be kid=key,kid=key".to_owned())
+            StartError::setting("APP_AUTH__VERIFICATION_KEYS", "must be kid=key,kid=key")
         })?;
         check_key(&format!("verification key {kid}"), key.as_bytes())?;
         issuer = issuer.with_verification_key(kid.trim(), key.as_bytes());
