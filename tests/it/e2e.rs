@@ -9,7 +9,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::order_api::{item, order};
+use crate::helpers::{item, order};
 
 #[tokio::test]
 async fn every_service_reports_serving() -> anyhow::Result<()> {

@@ -92,7 +92,7 @@ fn check<T: std::fmt::Debug>(
     );
     if status.code() == Code::InvalidArgument {
         assert!(
-            !crate::support::violated_fields(&status).is_empty(),
+            !crate::helpers::violated_fields(&status).is_empty(),
             "{rpc}({input:?}) -> INVALID_ARGUMENT without field violations: {status:?}"
         );
     }

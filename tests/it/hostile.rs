@@ -7,7 +7,7 @@ use contracts::order::v1::GetOrderRequest;
 use testkit::{TestStack, bearer};
 use tonic::Code;
 
-use crate::order_api::{item, order};
+use crate::helpers::{item, order};
 
 /// Finding 1: garbage tokens with a 500 µs deadline used to open the breaker
 /// to user-service (the caller's own deadline counted as user-service's
@@ -142,7 +142,7 @@ async fn webhooks_to_private_addresses_are_refused() -> anyhow::Result<()> {
                 },
             ))
             .await;
-        crate::support::assert_rejected(refused, Code::InvalidArgument, Some("url"));
+        crate::helpers::assert_rejected(refused, Code::InvalidArgument, Some("url"));
     }
     // An allowed loopback receiver still works (the test stack allows it).
     let allowed = notifications
@@ -175,14 +175,14 @@ async fn nul_bytes_and_huge_values_are_invalid_arguments_naming_the_field() -> a
                 password: "whatever password".to_owned(),
             })
             .await;
-        crate::support::assert_rejected(refused, Code::InvalidArgument, Some("email"));
+        crate::helpers::assert_rejected(refused, Code::InvalidArgument, Some("email"));
     }
     let (_, token) = stack.signed_up_user().await?;
     let mut orders = stack.orders().await?;
     let mut request = order(vec![item("SKU-1", 1, 100)]);
     request.idempotency_key = "key\u{0}nul".to_owned();
     let refused = orders.create_order(bearer(&token, request)).await;
-    crate::support::assert_rejected(refused, Code::InvalidArgument, Some("idempotency_key"));
+    crate::helpers::assert_rejected(refused, Code::InvalidArgument, Some("idempotency_key"));
     let created = orders
         .create_order(bearer(&token, order(vec![item("SKU-1", 1, 100)])))
         .await?
@@ -201,7 +201,7 @@ async fn nul_bytes_and_huge_values_are_invalid_arguments_naming_the_field() -> a
             },
         ))
         .await;
-    crate::support::assert_rejected(refused, Code::InvalidArgument, Some("idempotency_key"));
+    crate::helpers::assert_rejected(refused, Code::InvalidArgument, Some("idempotency_key"));
     Ok(())
 }
 
@@ -233,7 +233,7 @@ async fn an_idempotency_key_reused_for_another_command_or_body_is_refused() -> a
     assert_eq!(retried.id, created.id, "a true retry gets the original");
     let mut other_body = create.clone();
     other_body.items[0].quantity = 3;
-    crate::support::assert_rejected(
+    crate::helpers::assert_rejected(
         orders.create_order(bearer(&token, other_body)).await,
         Code::InvalidArgument,
         Some("idempotency_key"),
@@ -245,7 +245,7 @@ async fn an_idempotency_key_reused_for_another_command_or_body_is_refused() -> a
         idempotency_key: key.to_owned(),
         expected_version: 0,
     };
-    crate::support::assert_rejected(
+    crate::helpers::assert_rejected(
         orders.pay_order(bearer(&token, pay("checkout-1"))).await,
         Code::InvalidArgument,
         Some("idempotency_key"),
@@ -263,7 +263,7 @@ async fn an_idempotency_key_reused_for_another_command_or_body_is_refused() -> a
         .order
         .expect("an order");
     assert_eq!((again.version, again.status), (paid.version, paid.status));
-    crate::support::assert_rejected(
+    crate::helpers::assert_rejected(
         orders
             .cancel_order(bearer(
                 &token,
@@ -298,17 +298,17 @@ async fn get_user_needs_a_token_and_shows_only_the_callers_own_record() -> anyho
     let get = |id: &str| GetUserRequest {
         user_id: id.to_owned(),
     };
-    crate::support::assert_rejected(
+    crate::helpers::assert_rejected(
         users.get_user(get(&someone)).await,
         Code::Unauthenticated,
         None,
     );
-    crate::support::assert_rejected(
+    crate::helpers::assert_rejected(
         users.get_user(bearer("forged.token.here", get(&me))).await,
         Code::Unauthenticated,
         None,
     );
-    crate::support::assert_rejected(
+    crate::helpers::assert_rejected(
         users.get_user(bearer(&token, get(&someone))).await,
         Code::NotFound,
         None,
@@ -358,7 +358,7 @@ async fn a_currency_that_is_not_iso_4217_is_refused_naming_the_field() -> anyhow
     for code in ["XYZ", "ABC", "XAU"] {
         let mut request = order(vec![item("SKU-1", 1, 100)]);
         request.currency = code.to_owned();
-        crate::support::assert_rejected(
+        crate::helpers::assert_rejected(
             orders.create_order(bearer(&token, request)).await,
             Code::InvalidArgument,
             Some("currency"),
@@ -435,7 +435,7 @@ async fn webhooks_and_watch_streams_are_capped_per_user() -> anyhow::Result<()> 
     };
     let first = watch(&mut notifications).await?;
     let _second = watch(&mut notifications).await?;
-    crate::support::assert_rejected(
+    crate::helpers::assert_rejected(
         watch(&mut notifications).await.map(|_| ()),
         Code::ResourceExhausted,
         None,

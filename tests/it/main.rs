@@ -6,6 +6,7 @@
 mod deploy;
 mod e2e;
 mod fuzz;
+mod helpers;
 mod hostile;
 mod notification_api;
 mod notifications;
@@ -16,5 +17,4 @@ mod relay;
 mod schema;
 mod sign_in;
 mod streams;
-mod support;
 mod user_api;

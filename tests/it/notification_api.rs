@@ -8,7 +8,7 @@ use prost::Message as _;
 use testkit::{TestStack, bearer, eventually};
 use tonic::Code;
 
-use crate::support::assert_rejected;
+use crate::helpers::assert_rejected;
 
 #[tokio::test]
 async fn bad_list_requests_name_the_field_and_others_lists_are_refused() -> anyhow::Result<()> {

@@ -16,7 +16,7 @@ use hmac::{KeyInit as _, Mac as _};
 use testkit::{SmtpSink, TestStack, WebhookReceiver, bearer, eventually};
 use tonic::transport::Channel;
 
-use crate::order_api::{item, order};
+use crate::helpers::{item, order};
 
 async fn register(
     client: &mut NotificationServiceClient<Channel>,
@@ -358,7 +358,7 @@ async fn notifications_of_one_order_keep_event_order_across_replicas_and_redeliv
     let replica = notification_service::Application::build(notification_service::Settings {
         grpc_addr: "127.0.0.1:0".to_owned(),
         admin_addr: "127.0.0.1:0".to_owned(),
-        database_url: stack.notification_db.url.clone(),
+        database_url: platform::config::DatabaseUrl::new(stack.notification_db.url.clone()),
         nats_url: stack.nats.url(),
         user_service: platform::client::ClientSettings::new(format!("http://{}", stack.user_addr)),
         retry_base_ms: 50,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use contracts::order::v1::PayOrderRequest;
 use testkit::{TestStack, bearer, eventually, http_get, metric};
 
-use crate::order_api::{item, order};
+use crate::helpers::{item, order};
 
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let (status, body) = http_get(addr, "/metrics").await?;
@@ -277,7 +277,7 @@ async fn a_nats_outage_degrades_readiness_without_dropping_the_replica() -> anyh
         .await?
         .create_order(testkit::bearer(
             &token,
-            crate::order_api::order(vec![crate::order_api::item("SKU-1", 1, 100)]),
+            crate::helpers::order(vec![crate::helpers::item("SKU-1", 1, 100)]),
         ))
         .await;
     assert!(
@@ -311,7 +311,7 @@ async fn readiness_follows_postgres_while_liveness_stays_up() -> anyhow::Result<
     let app = order_service::Application::build(order_service::Settings {
         grpc_addr: "127.0.0.1:0".to_owned(),
         admin_addr: "127.0.0.1:0".to_owned(),
-        database_url: postgres.database_url("orders"),
+        database_url: platform::config::DatabaseUrl::new(postgres.database_url("orders")),
         nats_url: nats.url(),
         startup_wait_secs: 10,
         ..Default::default()

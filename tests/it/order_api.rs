@@ -1,41 +1,11 @@
 //! Black-box tests of order-service's gRPC API (authenticated through a real
 //! user-service).
 
-use contracts::order::v1::{
-    CreateOrderRequest, GetOrderRequest, OrderItem, OrderStatus, ShippingAddress,
-};
+use contracts::order::v1::{CreateOrderRequest, GetOrderRequest, OrderStatus};
 use testkit::{TestStack, bearer};
 use tonic::Code;
 
-use crate::support::assert_rejected;
-
-pub(crate) fn item(sku: &str, quantity: i32, unit_price_minor: i64) -> OrderItem {
-    OrderItem {
-        sku: sku.to_owned(),
-        quantity,
-        unit_price_minor,
-    }
-}
-
-pub(crate) fn address() -> ShippingAddress {
-    ShippingAddress {
-        name: "Ada Lovelace".to_owned(),
-        line1: "12 St James's Square".to_owned(),
-        line2: String::new(),
-        city: "London".to_owned(),
-        postal_code: "SW1Y 4JH".to_owned(),
-        country: "GB".to_owned(),
-    }
-}
-
-pub(crate) fn order(items: Vec<OrderItem>) -> CreateOrderRequest {
-    CreateOrderRequest {
-        items,
-        currency: "EUR".to_owned(),
-        idempotency_key: String::new(),
-        shipping_address: Some(address()),
-    }
-}
+use crate::helpers::{assert_rejected, item, order};
 
 #[tokio::test]
 async fn order_calls_without_a_valid_token_are_unauthenticated() -> anyhow::Result<()> {
@@ -99,7 +69,7 @@ async fn invalid_orders_are_rejected_with_every_bad_field_named() -> anyhow::Res
         .await
         .expect_err("rejected");
     assert_eq!(
-        crate::support::violated_fields(&several),
+        crate::helpers::violated_fields(&several),
         [
             "currency",
             "items[1].sku",

@@ -196,7 +196,7 @@ async fn every_published_message_matches_its_schema_and_headers() -> anyhow::Res
     let stack = testkit::TestStack::start().await?;
     let (_, token) = stack.signed_up_user().await?;
     let mut orders = stack.orders().await?;
-    let order = |n| crate::order_api::order(vec![crate::order_api::item("SKU-1", n, 100)]);
+    let order = |n| crate::helpers::order(vec![crate::helpers::item("SKU-1", n, 100)]);
     let kept = orders
         .create_order(bearer(&token, order(2)))
         .await?

@@ -12,7 +12,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
 use uuid::Uuid;
 
-use crate::support::assert_rejected;
+use crate::helpers::assert_rejected;
 
 /// An Authenticate request that a trusted proxy forwarded for `client`.
 fn sign_in(email: &str, password: &str, client: &str) -> tonic::Request<AuthenticateRequest> {

@@ -6,7 +6,7 @@ use contracts::user::v1::{
 use testkit::TestStack;
 use tonic::Code;
 
-use crate::support::assert_rejected;
+use crate::helpers::assert_rejected;
 
 #[tokio::test]
 async fn bad_sign_up_input_is_rejected_with_the_field_named() -> anyhow::Result<()> {
@@ -38,7 +38,7 @@ async fn bad_sign_up_input_is_rejected_with_the_field_named() -> anyhow::Result<
         .await
         .expect_err("rejected");
     assert_eq!(
-        crate::support::violated_fields(&both),
+        crate::helpers::violated_fields(&both),
         ["email", "password"]
     );
 
@@ -195,7 +195,7 @@ async fn an_expired_token_is_refused_everywhere() -> anyhow::Result<()> {
         orders
             .create_order(testkit::bearer(
                 &token,
-                crate::order_api::order(vec![crate::order_api::item("A", 1, 1)]),
+                crate::helpers::order(vec![crate::helpers::item("A", 1, 1)]),
             ))
             .await,
         Code::Unauthenticated,
@@ -218,7 +218,7 @@ async fn signing_keys_rotate_without_logging_anyone_out() -> anyhow::Result<()> 
         let settings = user_service::Settings {
             grpc_addr: "127.0.0.1:0".to_owned(),
             admin_addr: "127.0.0.1:0".to_owned(),
-            database_url: db.url.clone(),
+            database_url: platform::config::DatabaseUrl::new(db.url.clone()),
             nats_url: nats.url(),
             auth: user_service::config::AuthSettings {
                 signing_key: platform::config::Secret::new(key),

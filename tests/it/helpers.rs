@@ -1,5 +1,6 @@
-//! Assertions shared by the tests.
+//! What the tests share: assertions on statuses and request builders.
 
+use contracts::order::v1::{CreateOrderRequest, OrderItem, ShippingAddress};
 use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
 
@@ -32,5 +33,34 @@ pub(crate) fn assert_rejected<T: std::fmt::Debug>(
             "message should name {field}: {}",
             status.message()
         );
+    }
+}
+
+/// One order line.
+pub(crate) fn item(sku: &str, quantity: i32, unit_price_minor: i64) -> OrderItem {
+    OrderItem {
+        sku: sku.to_owned(),
+        quantity,
+        unit_price_minor,
+    }
+}
+
+pub(crate) fn address() -> ShippingAddress {
+    ShippingAddress {
+        name: "Ada Lovelace".to_owned(),
+        line1: "12 St James's Square".to_owned(),
+        line2: String::new(),
+        city: "London".to_owned(),
+        postal_code: "SW1Y 4JH".to_owned(),
+        country: "GB".to_owned(),
+    }
+}
+
+pub(crate) fn order(items: Vec<OrderItem>) -> CreateOrderRequest {
+    CreateOrderRequest {
+        items,
+        currency: "EUR".to_owned(),
+        idempotency_key: String::new(),
+        shipping_address: Some(address()),
     }
 }

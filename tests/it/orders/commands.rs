@@ -1,0 +1,208 @@
+//! The command path: concurrency, idempotent retries, snapshots.
+
+use super::*;
+
+#[tokio::test]
+async fn concurrent_commands_on_one_order_let_exactly_one_win() -> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let mut orders = stack.orders().await?;
+    let (placed, _) = place(&mut orders, &token).await?;
+    let attempts = (0..16).map(|i| {
+        let mut client = orders.clone();
+        let request = bearer(&token, pay(&placed.id, 3000, &format!("attempt-{i}")));
+        tokio::spawn(async move {
+            client
+                .pay_order(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        })
+    });
+    let mut won = 0;
+    for attempt in attempts {
+        match attempt.await? {
+            Ok(()) => won += 1,
+            Err(Code::Aborted | Code::FailedPrecondition) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one payment wins");
+    let pool = stack.order_db.pool()?;
+    let events: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT version, event_type FROM events WHERE stream_id = $1 ORDER BY version",
+    )
+    .bind(format!("order-{}", placed.id))
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        events,
+        [
+            (1, "order.created".to_owned()),
+            (2, "order.paid".to_owned())
+        ]
+    );
+
+    // The race itself, made deterministic: two writers at the same expected version.
+    let store = EventStore::new(pool);
+    let context = EventContext::new("test");
+    let event = || es_postgres::NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "test.raced",
+        schema_version: 1,
+        payload: serde_json::json!({}),
+        occurred_at: es_postgres::now(),
+    };
+    let (first, second) = ([event()], [event()]);
+    let (a, b) = tokio::join!(
+        store.append("race-1", 0, &first, &context, None, None),
+        store.append("race-1", 0, &second, &context, None, None),
+    );
+    let conflicts = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, Err(es_postgres::AppendError::Conflict { .. })))
+        .count();
+    assert_eq!((a.is_ok() as u8 + b.is_ok() as u8, conflicts), (1, 1));
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retried_command_returns_the_original_result() -> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let (_, token) = stack.signed_up_user().await?;
+    let mut orders = stack.orders().await?;
+    let (placed, _) = place(&mut orders, &token).await?;
+    let first = orders
+        .pay_order(bearer(&token, pay(&placed.id, 3000, "pay-once")))
+        .await?
+        .into_inner();
+    orders.ship_order(bearer(&token, ship(&placed.id))).await?;
+    let retry = orders
+        .pay_order(bearer(&token, pay(&placed.id, 3000, "pay-once")))
+        .await?
+        .into_inner();
+    assert_eq!(retry.position, first.position);
+    assert_eq!(
+        retry.order.as_ref().map(|o| (o.status(), o.version)),
+        Some((OrderStatus::Paid, 2))
+    );
+
+    let (other, _) = place(&mut orders, &token).await?;
+    assert_rejected(
+        orders
+            .pay_order(bearer(&token, pay(&other.id, 3000, "pay-once")))
+            .await,
+        Code::InvalidArgument,
+        Some("idempotency_key"),
+    );
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id = $1")
+        .bind(format!("order-{}", placed.id))
+        .fetch_one(&stack.order_db.pool()?)
+        .await?;
+    assert_eq!(
+        count, 3,
+        "created, paid, shipped: the retry appended nothing"
+    );
+    stack.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> {
+    testkit::init_logging();
+    let db = TestDb::create("snapshots").await?;
+    let pool = db.pool()?;
+    platform::db::migrate(&pool, vec![es_postgres::migrator()], Duration::from_secs(5)).await?;
+    let store = EventStore::new(pool.clone());
+    let with_snapshots = OrderCommands::new(store.clone(), 1);
+    let user = uuid::Uuid::now_v7();
+    let context = EventContext::new(user.to_string());
+    let created = with_snapshots
+        .create(
+            order_domain::OrderCommand::Create {
+                order_id: uuid::Uuid::now_v7(),
+                user_id: user,
+                currency: order_domain::Currency::parse("EUR")?,
+                lines: vec![order_domain::OrderLine {
+                    sku: order_domain::Sku::parse("A")?,
+                    quantity: order_domain::Quantity::new(2)?,
+                    unit_price: order_domain::UnitPrice::new(700)?,
+                }],
+                shipping_address: order_domain::ShippingAddress {
+                    name: order_domain::AddressLine::parse("Ada")?,
+                    line1: order_domain::AddressLine::parse("1 Main St")?,
+                    line2: None,
+                    city: order_domain::AddressLine::parse("Berlin")?,
+                    postal_code: order_domain::AddressLine::parse("10115")?,
+                    country: order_domain::CountryCode::parse("DE")?,
+                },
+            },
+            &context,
+            None,
+        )
+        .await?;
+    let order_id = created.order.id.expect("id");
+    let mut last = created;
+    for command in [
+        order_domain::OrderCommand::Pay {
+            payment_reference: order_domain::PaymentReference::parse("p-1")?,
+            amount_minor: 1400,
+        },
+        order_domain::OrderCommand::Ship {
+            carrier: order_domain::Carrier::parse("UPS")?,
+            tracking_number: order_domain::TrackingNumber::parse("1Z999")?,
+        },
+    ] {
+        last = with_snapshots
+            .execute(order_id, user, command, None, &context, None)
+            .await?;
+    }
+    let snapshot_version: i64 =
+        sqlx::query_scalar("SELECT version FROM snapshots WHERE stream_id = $1")
+            .bind(format!("order-{order_id}"))
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(
+        snapshot_version, 3,
+        "a snapshot was written with every command"
+    );
+    let (replayed, _) = history::state_at(&store, order_id, At::Version(3))
+        .await?
+        .expect("exists");
+    assert_eq!(last.order, replayed, "snapshot path and full replay agree");
+
+    // Loading through the snapshot decides exactly as a replay would.
+    let delivered = with_snapshots
+        .execute(
+            order_id,
+            user,
+            order_domain::OrderCommand::Deliver,
+            None,
+            &context,
+            None,
+        )
+        .await?;
+    let (replayed, _) = history::state_at(&store, order_id, At::Version(4))
+        .await?
+        .expect("exists");
+    assert_eq!(delivered.order, replayed);
+
+    // A snapshot that no longer fits the aggregate is ignored, not trusted.
+    sqlx::query("UPDATE snapshots SET state = '{\"nonsense\": true}'")
+        .execute(&pool)
+        .await?;
+    let refused = OrderCommands::new(store.clone(), 1000)
+        .execute(
+            order_id,
+            user,
+            order_domain::OrderCommand::Deliver,
+            None,
+            &context,
+            None,
+        )
+        .await
+        .expect_err("a delivered order cannot be delivered again");
+    assert!(refused.to_string().contains("delivered"), "{refused}");
+    Ok(())
+}
