@@ -96,7 +96,7 @@ impl TestStack {
         let user = user_service::Application::build(user_service::Settings {
             grpc_addr: "127.0.0.1:0".to_owned(),
             admin_addr: "127.0.0.1:0".to_owned(),
-            database_url: user_db.url.clone(),
+            database_url: platform::config::DatabaseUrl::new(user_db.url.clone()),
             nats_url: nats.url(),
             auth,
             startup_wait_secs: 10,
@@ -110,7 +110,7 @@ impl TestStack {
         let order = order_service::Application::build(order_service::Settings {
             grpc_addr: "127.0.0.1:0".to_owned(),
             admin_addr: "127.0.0.1:0".to_owned(),
-            database_url: order_db.url.clone(),
+            database_url: platform::config::DatabaseUrl::new(order_db.url.clone()),
             nats_url: nats.url(),
             user_service: user_service.clone(),
             startup_wait_secs: 10,
@@ -123,7 +123,7 @@ impl TestStack {
         let mut notification_settings = notification_service::Settings {
             grpc_addr: "127.0.0.1:0".to_owned(),
             admin_addr: "127.0.0.1:0".to_owned(),
-            database_url: notification_db.url.clone(),
+            database_url: platform::config::DatabaseUrl::new(notification_db.url.clone()),
             user_service,
             nats_url: nats.url(),
             startup_wait_secs: 10,

@@ -436,7 +436,10 @@ async fn run(
         stack.admin[2]
     );
     out!("  nats                  {}", stack.nats_url);
-    out!("  postgres              {}", redact(&stack.database_url));
+    out!(
+        "  postgres              {}",
+        platform::config::DatabaseUrl::new(stack.database_url.as_str()).redacted()
+    );
     out!("  data                  {}", data_dir.display());
     out!(
         "  prometheus targets    {}",
@@ -483,15 +486,4 @@ fn write_prometheus_targets(data_dir: &Path, stack: &StackFile) -> anyhow::Resul
     fs::write(&tmp, serde_json::to_string_pretty(&groups)?)?;
     fs::rename(&tmp, data_dir.join(PROMETHEUS_TARGETS))?;
     Ok(())
-}
-
-/// Hides a password in a URL.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if url[scheme + 3..at].contains(':') => {
-            let user_end = url[scheme + 3..at].find(':').map_or(at, |i| scheme + 3 + i);
-            format!("{}:***{}", &url[..user_end], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }

@@ -39,7 +39,7 @@ pub struct Application {
     deliverer: Deliverer,
     egress: crate::egress::Egress,
     limits: crate::config::UserLimits,
-    database_url: String,
+    database_url: platform::config::DatabaseUrl,
     metrics: Metrics,
     readiness: Readiness,
     tls: Option<tonic::transport::ServerTlsConfig>,
@@ -70,7 +70,10 @@ impl Application {
     /// a migration fails, or a port is taken.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let wait = Duration::from_secs(settings.startup_wait_secs);
-        let pool = platform::db::pool(&settings.database_url, settings.database_max_connections)?;
+        let pool = platform::db::pool(
+            settings.database_url.expose(),
+            settings.database_max_connections,
+        )?;
         platform::db::migrate(&pool, vec![sqlx::migrate!("./migrations")], wait).await?;
         let (nats, js) =
             platform::nats::connect(&settings.nats_url, "notification-service", wait).await?;
@@ -184,7 +187,8 @@ impl Application {
             .map(|c| tokio::spawn(consumer::run(c, self.deliverer.clone(), shutdown.clone())))
             .collect();
         background.push(tokio::spawn(
-            hub.clone().run(self.database_url, shutdown.clone()),
+            hub.clone()
+                .run(self.database_url.expose().to_owned(), shutdown.clone()),
         ));
         background.push(tokio::spawn(sample(
             self.metrics.clone(),

@@ -33,7 +33,7 @@ pub struct Application {
     api: OrderApi,
     relay: Relay<OrderEvents>,
     pool: sqlx::PgPool,
-    database_url: String,
+    database_url: platform::config::DatabaseUrl,
     metrics: Metrics,
     readiness: Readiness,
     tls: Option<tonic::transport::ServerTlsConfig>,
@@ -46,7 +46,10 @@ impl Application {
     /// a migration fails, a URL is invalid, or a port is taken.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let wait = Duration::from_secs(settings.startup_wait_secs);
-        let pool = platform::db::pool(&settings.database_url, settings.database_max_connections)?;
+        let pool = platform::db::pool(
+            settings.database_url.expose(),
+            settings.database_max_connections,
+        )?;
         platform::db::migrate(
             &pool,
             vec![es_postgres::migrator(), sqlx::migrate!("./migrations")],
@@ -60,7 +63,7 @@ impl Application {
         let metrics = Metrics::new();
         metrics.set_build_info("order-service", env!("CARGO_PKG_VERSION"));
         let relay = Relay::new(
-            settings.database_url.clone(),
+            settings.database_url.expose(),
             js,
             OrderEvents,
             RelayConfig::new("order-events"),
@@ -136,14 +139,14 @@ impl Application {
             tokio::spawn(self.relay.run(shutdown.clone())),
             tokio::spawn(projection::run(
                 self.pool.clone(),
-                self.database_url.clone(),
+                self.database_url.expose().to_owned(),
                 Arc::new(OrderSummary),
                 projection_config.clone(),
                 shutdown.clone(),
             )),
             tokio::spawn(projection::run(
                 self.pool,
-                self.database_url,
+                self.database_url.expose().to_owned(),
                 Arc::new(OrdersByUser),
                 projection_config,
                 shutdown.clone(),

@@ -9,7 +9,7 @@ pub struct Settings {
     /// `APP_GRPC_ADDR`; port 0 picks a free one.
     pub grpc_addr: String,
     /// `APP_DATABASE_URL`.
-    pub database_url: String,
+    pub database_url: platform::config::DatabaseUrl,
     pub database_max_connections: u32,
     /// `APP_NATS_URL`.
     pub nats_url: String,
@@ -41,7 +41,9 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             grpc_addr: "127.0.0.1:50052".to_owned(),
-            database_url: "postgres://postgres@127.0.0.1:5432/shop_orders".to_owned(),
+            database_url: platform::config::DatabaseUrl::new(
+                "postgres://postgres@127.0.0.1:5432/shop_orders",
+            ),
             database_max_connections: 20,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             streams: StreamLimits::default(),

@@ -41,7 +41,10 @@ impl Application {
     /// a migration fails, a signing key is invalid, or a port is taken.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let wait = Duration::from_secs(settings.startup_wait_secs);
-        let pool = platform::db::pool(&settings.database_url, settings.database_max_connections)?;
+        let pool = platform::db::pool(
+            settings.database_url.expose(),
+            settings.database_max_connections,
+        )?;
         platform::db::migrate(
             &pool,
             vec![es_postgres::migrator(), sqlx::migrate!("./migrations")],
@@ -55,7 +58,7 @@ impl Application {
         let metrics = Metrics::new();
         metrics.set_build_info("user-service", env!("CARGO_PKG_VERSION"));
         let relay = Relay::new(
-            settings.database_url.clone(),
+            settings.database_url.expose(),
             js,
             UserEvents,
             RelayConfig::new("user-events"),
