@@ -245,7 +245,7 @@ impl AdminServer {
     ///
     /// When the address is taken or invalid.
     pub async fn bind(addr: &str) -> Result<Self, StartError> {
-        let (listener, addr) = crate::grpc::bind(addr).await?;
+        let (listener, addr) = crate::net::bind(addr).await?;
         Ok(Self { listener, addr })
     }
 

@@ -1,7 +1,6 @@
 //! The gRPC server kit: every service binds, reports health, serves
 //! reflection and stops on the shared shutdown token the same way.
 
-use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -9,21 +8,6 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 use crate::StartError;
-
-/// Binds the gRPC listener (port 0 picks a free port; tests use that).
-///
-/// # Errors
-///
-/// Fails when the address is taken or invalid.
-pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
-    let bind_error = |source| StartError::Bind {
-        addr: addr.to_owned(),
-        source,
-    };
-    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-    let local = listener.local_addr().map_err(bind_error)?;
-    Ok((listener, local))
-}
 
 /// The listener as the incoming stream tonic serves, each accepted socket
 /// with `TCP_NODELAY`: a gRPC response is written as headers, data and

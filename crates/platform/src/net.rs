@@ -1,5 +1,6 @@
-//! Addresses and address blocks: parsing CIDR lists from settings and
-//! judging an address by the IPv4 address it really reaches.
+//! Addresses, address blocks and listeners: parsing CIDR lists from
+//! settings, judging an address by the IPv4 address it really reaches, and
+//! binding the gRPC and admin listeners.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -102,6 +103,22 @@ impl Networks {
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.iter().any(|n| n.contains(ip))
     }
+}
+
+/// Binds a listener, gRPC or admin (port 0 picks a free port; tests use
+/// that).
+///
+/// # Errors
+///
+/// Fails when the address is taken or invalid.
+pub async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), crate::StartError> {
+    let bind_error = |source| crate::StartError::Bind {
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
 }
 
 #[cfg(test)]

@@ -139,7 +139,7 @@ impl Application {
             &metrics,
         )?;
         let readiness = Readiness::new().postgres(pool.clone()).nats(nats);
-        let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
+        let (listener, addr) = platform::net::bind(&settings.grpc_addr).await?;
         let admin = AdminServer::bind(&settings.admin_addr).await?;
         let tls = settings.tls.config()?;
         Ok(Self {

@@ -89,7 +89,7 @@ impl Application {
             Duration::from_millis(settings.read_your_writes_timeout_ms),
         );
         let api = OrderApi::new(commands, reads, auth);
-        let (listener, addr) = platform::grpc::bind(&settings.grpc_addr).await?;
+        let (listener, addr) = platform::net::bind(&settings.grpc_addr).await?;
         let admin = AdminServer::bind(&settings.admin_addr).await?;
         let tls = settings.tls.config()?;
         Ok(Self {
