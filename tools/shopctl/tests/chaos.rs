@@ -40,7 +40,13 @@ fn count(outcome: &Value, key: &str) -> u64 {
 #[test]
 fn the_ci_subset_of_scenarios_loses_duplicates_invents_and_diverges_nothing()
 -> Result<(), Box<dyn std::error::Error>> {
-    let (success, outcomes) = chaos(&["kill-order,kill-nats,poison", "--duration", "12s"])?;
+    let (success, outcomes) = chaos(&[
+        "kill-order,kill-nats,poison",
+        "--duration",
+        "12s",
+        "--min-commands",
+        "2000",
+    ])?;
     assert_eq!(outcomes.len(), 3);
     for outcome in &outcomes {
         let name = &outcome["scenario"];
@@ -48,7 +54,7 @@ fn the_ci_subset_of_scenarios_loses_duplicates_invents_and_diverges_nothing()
             assert_eq!(count(outcome, key), 0, "{name}: {key}; {outcome:#}");
         }
         assert!(
-            count(outcome, "acknowledged") >= 500,
+            count(outcome, "acknowledged") >= 2000,
             "{name}: too little load to mean anything; {outcome:#}"
         );
         assert_eq!(outcome["passed"], true, "{name}: {outcome:#}");
@@ -59,7 +65,14 @@ fn the_ci_subset_of_scenarios_loses_duplicates_invents_and_diverges_nothing()
 
 #[test]
 fn the_oracle_reports_exactly_the_defects_made_by_hand() -> Result<(), Box<dyn std::error::Error>> {
-    let (success, outcomes) = chaos(&["race", "--duration", "8s", "--sabotage"])?;
+    let (success, outcomes) = chaos(&[
+        "race",
+        "--duration",
+        "8s",
+        "--min-commands",
+        "0",
+        "--sabotage",
+    ])?;
     let [outcome] = outcomes.as_slice() else {
         panic!("one scenario, one outcome: {outcomes:?}");
     };

@@ -96,6 +96,11 @@ impl Ledger {
             .map(|t| *t - at)
     }
 
+    /// How many commands were acknowledged so far.
+    pub(crate) fn acknowledged(&self) -> usize {
+        self.acks.lock().map_or(0, |a| a.len())
+    }
+
     pub(crate) fn acks(&self) -> Vec<Ack> {
         self.acks.lock().map(|a| a.clone()).unwrap_or_default()
     }

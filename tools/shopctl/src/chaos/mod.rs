@@ -45,6 +45,11 @@ pub(crate) struct ChaosOptions {
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Keep the load going past `--duration` until this many commands were
+    /// acknowledged (at most 60 s more), so a slow scenario still means
+    /// something.
+    #[arg(long, default_value_t = 5000)]
+    min_commands: usize,
     /// Where the servers keep their data and logs (a scenario's directory
     /// is removed when it passes, kept when it fails).
     #[arg(long, default_value = ".shop/chaos")]
@@ -300,6 +305,10 @@ async fn drive(
     // The load goes on until the duration is up, and at least 3 s past the heal.
     let end = (started + options.duration).max(Instant::now() + Duration::from_secs(3));
     tokio::time::sleep_until(end.into()).await;
+    let cap = end + Duration::from_secs(60);
+    while load.ledger.acknowledged() < options.min_commands && Instant::now() < cap {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let ledger = load.finish().await;
     let elapsed = started.elapsed();
     let injected = injected?;
