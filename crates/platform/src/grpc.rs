@@ -1,7 +1,6 @@
 //! The gRPC server kit: every service binds, reports health, serves
 //! reflection and stops on the shared shutdown token the same way.
 
-
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;

@@ -111,12 +111,16 @@ impl Networks {
 /// # Errors
 ///
 /// Fails when the address is taken or invalid.
-pub async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), crate::StartError> {
+pub async fn bind(
+    addr: &str,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), crate::StartError> {
     let bind_error = |source| crate::StartError::Bind {
         addr: addr.to_owned(),
         source,
     };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_error)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
 }
