@@ -147,7 +147,7 @@ async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> 
     for command in [
         order_domain::OrderCommand::Pay {
             payment_reference: order_domain::PaymentReference::parse("p-1")?,
-            amount_minor: 1400,
+            amount: order_domain::Amount::new(1400)?,
         },
         order_domain::OrderCommand::Ship {
             carrier: order_domain::Carrier::parse("UPS")?,

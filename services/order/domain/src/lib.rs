@@ -11,8 +11,9 @@ mod values;
 
 pub use upcast::{DecodeError, decode, upcast};
 pub use values::{
-    AddressLine, CancelReason, Carrier, CountryCode, Currency, CurrencyError, LineError, OrderLine,
-    PaymentReference, Quantity, ShippingAddress, Sku, TextError, TrackingNumber, UnitPrice,
+    AddressLine, Amount, AmountError, CancelReason, Carrier, CountryCode, Currency, CurrencyError,
+    IdempotencyKey, KeyError, LineError, OrderLine, PaymentReference, Quantity, ShippingAddress,
+    Sku, TextError, TrackingNumber, UnitPrice,
 };
 
 use es::{Aggregate, DomainEvent};
@@ -81,7 +82,7 @@ pub enum OrderCommand {
     /// Record the payment of the whole total.
     Pay {
         payment_reference: PaymentReference,
-        amount_minor: i64,
+        amount: Amount,
     },
     /// Hand the paid order to a carrier.
     Ship {
@@ -297,9 +298,10 @@ impl Aggregate for Order {
             }
             OrderCommand::Pay {
                 payment_reference,
-                amount_minor,
+                amount,
             } => {
                 self.require(action, &[OrderStatus::Created])?;
+                let amount_minor = amount.minor();
                 if amount_minor != self.total_minor {
                     return Err(OrderError::AmountMismatch {
                         expected: self.total_minor,

@@ -43,7 +43,7 @@ fn create(lines: Vec<OrderLine>) -> OrderCommand {
 fn pay(amount_minor: i64) -> OrderCommand {
     OrderCommand::Pay {
         payment_reference: PaymentReference::parse("pay_1").expect("ref"),
-        amount_minor,
+        amount: Amount::new(amount_minor).expect("amount"),
     }
 }
 
@@ -489,4 +489,27 @@ proptest! {
         }
         prop_assert_eq!(Order::replay(&events), order);
     }
+}
+
+#[test]
+fn an_amount_is_never_negative() {
+    assert_eq!(Amount::new(-1), Err(AmountError::Negative));
+    assert_eq!(Amount::new(0).map(Amount::minor), Ok(0));
+}
+
+#[test]
+fn an_idempotency_key_is_bounded_printable_text_and_empty_means_none() {
+    assert_eq!(IdempotencyKey::parse(""), Ok(None));
+    assert_eq!(
+        IdempotencyKey::parse("k-1").map(|k| k.map(|k| k.as_str().to_owned())),
+        Ok(Some("k-1".to_owned()))
+    );
+    assert_eq!(
+        IdempotencyKey::parse(&"k".repeat(IdempotencyKey::MAX_LEN + 1)),
+        Err(KeyError::TooLong)
+    );
+    assert_eq!(
+        IdempotencyKey::parse("a\0b"),
+        Err(KeyError::ControlCharacter)
+    );
 }

@@ -8,7 +8,7 @@ mod parse;
 
 use contracts::order::v1::{self as pb, order_service_server::OrderService};
 use order_domain::{
-    CancelReason, Carrier, OrderCommand, OrderStatus, PaymentReference, TrackingNumber,
+    Amount, CancelReason, Carrier, OrderCommand, OrderStatus, PaymentReference, TrackingNumber,
 };
 use platform::{auth::Authenticator, status::FieldViolations};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
@@ -23,7 +23,7 @@ use crate::{
 };
 use errors::not_found;
 use parse::{
-    Common, check_expected_version, check_key, context, fingerprint, parse_create, parse_order_id,
+    Common, check_expected_version, context, fingerprint, parse_create, parse_key, parse_order_id,
     scoped_key,
 };
 
@@ -59,14 +59,14 @@ impl OrderApi {
         let mut violations = FieldViolations::new();
         let order_id = parse_order_id(&mut violations, common.order_id);
         let command = parse(&mut violations);
-        check_key(&mut violations, common.idempotency_key);
+        let key = parse_key(&mut violations, common.idempotency_key);
         check_expected_version(&mut violations, common.expected_version);
-        let (Some(order_id), Some(command)) = (order_id, command) else {
+        let (Some(order_id), Some(command), Some(key)) = (order_id, command, key) else {
             return Err(violations.into_status());
         };
         violations.into_result()?;
         let context = context(metadata, caller);
-        let key = scoped_key(caller, common.idempotency_key, common.fingerprint);
+        let key = scoped_key(caller, key.as_ref(), common.fingerprint);
         let expected = (common.expected_version > 0).then_some(common.expected_version);
         let outcome = self
             .commands
@@ -100,12 +100,12 @@ impl OrderService for OrderApi {
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
         let caller = self.auth.authenticate(request.metadata()).await?;
         tracing::Span::current().record("user_id", tracing::field::display(caller.user_id));
-        let command = parse_create(request.get_ref(), caller)?;
+        let (command, key) = parse_create(request.get_ref(), caller)?;
         let context = context(request.metadata(), caller);
         let r = request.get_ref();
         let key = scoped_key(
             caller,
-            &r.idempotency_key,
+            key.as_ref(),
             fingerprint("CreateOrder", r, |m| &mut m.idempotency_key),
         );
         let outcome = self
@@ -138,12 +138,10 @@ impl OrderService for OrderApi {
                     "payment_reference",
                     PaymentReference::parse(&r.payment_reference),
                 );
-                if r.amount_minor < 0 {
-                    violations.add("amount_minor", "must not be negative");
-                }
+                let amount = violations.check("amount_minor", Amount::new(r.amount_minor));
                 Some(OrderCommand::Pay {
                     payment_reference: payment_reference?,
-                    amount_minor: r.amount_minor,
+                    amount: amount?,
                 })
             })
             .await?;

@@ -22,8 +22,6 @@ pub(super) struct Common<'a> {
     pub(super) fingerprint: String,
 }
 
-const MAX_KEY_LEN: usize = 128;
-
 pub(super) fn context(metadata: &MetadataMap, caller: Caller) -> EventContext {
     let correlation_id = platform::grpc::correlation_id(metadata);
     EventContext {
@@ -36,9 +34,13 @@ pub(super) fn context(metadata: &MetadataMap, caller: Caller) -> EventContext {
 }
 
 /// Keys are per user: one user's key never collides with another's.
-pub(super) fn scoped_key(caller: Caller, key: &str, fingerprint: String) -> Option<IdempotencyKey> {
-    (!key.is_empty()).then(|| IdempotencyKey {
-        key: format!("{}:{key}", caller.user_id),
+pub(super) fn scoped_key(
+    caller: Caller,
+    key: Option<&order_domain::IdempotencyKey>,
+    fingerprint: String,
+) -> Option<IdempotencyKey> {
+    key.map(|key| IdempotencyKey {
+        key: format!("{}:{}", caller.user_id, key.as_str()),
         fingerprint,
     })
 }
@@ -65,16 +67,12 @@ pub(super) fn fingerprint<M: prost::Message + Clone>(
     platform::hex::encode(&digest)
 }
 
-pub(super) fn check_key(violations: &mut FieldViolations, key: &str) {
-    if key.len() > MAX_KEY_LEN {
-        violations.add(
-            "idempotency_key",
-            format!("must be at most {MAX_KEY_LEN} characters"),
-        );
-    } else if key.chars().any(char::is_control) {
-        // NUL cannot be stored at all; other control characters are noise.
-        violations.add("idempotency_key", "must not contain control characters");
-    }
+/// The request's idempotency key, `Some(None)` when it has none.
+pub(super) fn parse_key(
+    violations: &mut FieldViolations,
+    raw: &str,
+) -> Option<Option<order_domain::IdempotencyKey>> {
+    violations.check("idempotency_key", order_domain::IdempotencyKey::parse(raw))
 }
 
 pub(super) fn check_expected_version(violations: &mut FieldViolations, version: i64) {
@@ -126,11 +124,12 @@ pub(super) fn parse_address(
     })
 }
 
-/// Parses a create request into a command, naming every bad field.
+/// Parses a create request into a command and its idempotency key, naming
+/// every bad field.
 pub(super) fn parse_create(
     request: &pb::CreateOrderRequest,
     caller: Caller,
-) -> Result<OrderCommand, Status> {
+) -> Result<(OrderCommand, Option<order_domain::IdempotencyKey>), Status> {
     let mut violations = FieldViolations::new();
     let currency = violations.check("currency", Currency::parse(&request.currency));
     if request.items.is_empty() {
@@ -162,17 +161,18 @@ pub(super) fn parse_create(
         }
     }
     let shipping_address = parse_address(&mut violations, request.shipping_address.as_ref());
-    check_key(&mut violations, &request.idempotency_key);
-    match (currency, shipping_address) {
-        (Some(currency), Some(shipping_address)) if violations.is_empty() => {
-            Ok(OrderCommand::Create {
+    let key = parse_key(&mut violations, &request.idempotency_key);
+    match (currency, shipping_address, key) {
+        (Some(currency), Some(shipping_address), Some(key)) if violations.is_empty() => Ok((
+            OrderCommand::Create {
                 order_id: Uuid::now_v7(),
                 user_id: caller.user_id,
                 currency,
                 lines,
                 shipping_address,
-            })
-        }
+            },
+            key,
+        )),
         _ => Err(violations.into_status()),
     }
 }
