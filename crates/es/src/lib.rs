@@ -64,7 +64,24 @@ pub trait Aggregate: Default + Clone + std::fmt::Debug + Send + Sync {
 /// Identifies one aggregate instance's stream: `<prefix>-<uuid>`.
 #[must_use]
 pub fn stream_id<A: Aggregate>(id: Uuid) -> String {
-    format!("{}-{id}", A::STREAM_PREFIX)
+    stream_name(A::STREAM_PREFIX, id)
+}
+
+/// The instance id in a stream named by [`stream_id`]; `None` for another
+/// aggregate's stream or a malformed name.
+#[must_use]
+pub fn id_of_stream<A: Aggregate>(stream_id: &str) -> Option<Uuid> {
+    stream_id
+        .strip_prefix(A::STREAM_PREFIX)?
+        .strip_prefix('-')
+        .and_then(|id| Uuid::parse_str(id).ok())
+}
+
+/// How every stream is named, `<prefix>-<uuid>`, also for writers that
+/// have no [`Aggregate`] type (user-service appends one event per user).
+#[must_use]
+pub fn stream_name(prefix: &str, id: Uuid) -> String {
+    format!("{prefix}-{id}")
 }
 
 /// Who and what caused an event; stored on every event row and forwarded in

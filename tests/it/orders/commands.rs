@@ -118,10 +118,19 @@ async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> 
     let with_snapshots = OrderCommands::new(store.clone(), 1);
     let user = uuid::Uuid::now_v7();
     let context = EventContext::new(user.to_string());
+    let order_id = uuid::Uuid::now_v7();
+    let envelope = Envelope {
+        order_id,
+        owner: user,
+        expected_version: None,
+        context: &context,
+        key: None,
+    };
     let created = with_snapshots
         .create(
+            &envelope,
             order_domain::OrderCommand::Create {
-                order_id: uuid::Uuid::now_v7(),
+                order_id,
                 user_id: user,
                 currency: order_domain::Currency::parse("EUR")?,
                 lines: vec![order_domain::OrderLine {
@@ -138,11 +147,9 @@ async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> 
                     country: order_domain::CountryCode::parse("DE")?,
                 },
             },
-            &context,
-            None,
         )
         .await?;
-    let order_id = created.order.id.expect("id");
+    assert_eq!(created.order.id, Some(order_id));
     let mut last = created;
     for command in [
         order_domain::OrderCommand::Pay {
@@ -154,13 +161,11 @@ async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> 
             tracking_number: order_domain::TrackingNumber::parse("1Z999")?,
         },
     ] {
-        last = with_snapshots
-            .execute(order_id, user, command, None, &context, None)
-            .await?;
+        last = with_snapshots.execute(&envelope, command).await?;
     }
     let snapshot_version: i64 =
         sqlx::query_scalar("SELECT version FROM snapshots WHERE stream_id = $1")
-            .bind(format!("order-{order_id}"))
+            .bind(es::stream_id::<order_domain::Order>(order_id))
             .fetch_one(&pool)
             .await?;
     assert_eq!(
@@ -174,14 +179,7 @@ async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> 
 
     // Loading through the snapshot decides exactly as a replay would.
     let delivered = with_snapshots
-        .execute(
-            order_id,
-            user,
-            order_domain::OrderCommand::Deliver,
-            None,
-            &context,
-            None,
-        )
+        .execute(&envelope, order_domain::OrderCommand::Deliver)
         .await?;
     let (replayed, _) = history::state_at(&store, order_id, At::Version(4))
         .await?
@@ -193,14 +191,7 @@ async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> 
         .execute(&pool)
         .await?;
     let refused = OrderCommands::new(store.clone(), 1000)
-        .execute(
-            order_id,
-            user,
-            order_domain::OrderCommand::Deliver,
-            None,
-            &context,
-            None,
-        )
+        .execute(&envelope, order_domain::OrderCommand::Deliver)
         .await
         .expect_err("a delivered order cannot be delivered again");
     assert!(refused.to_string().contains("delivered"), "{refused}");

@@ -513,3 +513,14 @@ fn an_idempotency_key_is_bounded_printable_text_and_empty_means_none() {
         Err(KeyError::ControlCharacter)
     );
 }
+
+#[test]
+fn an_order_stream_names_its_order_and_no_other_stream_does() {
+    let id = Uuid::now_v7();
+    let stream = es::stream_id::<Order>(id);
+    assert_eq!(stream, format!("order-{id}"));
+    assert_eq!(es::id_of_stream::<Order>(&stream), Some(id));
+    assert_eq!(es::id_of_stream::<Order>(&format!("user-{id}")), None);
+    assert_eq!(es::id_of_stream::<Order>(&format!("orders-{id}")), None);
+    assert_eq!(es::id_of_stream::<Order>("order-not-a-uuid"), None);
+}

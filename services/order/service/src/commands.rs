@@ -23,6 +23,36 @@ pub struct Outcome {
     pub position: i64,
 }
 
+/// Everything about one command but the command itself: which order,
+/// whose, the version the caller expects, what caused it and its
+/// idempotency key. The transport builds it once; the command path passes
+/// it along whole.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub order_id: Uuid,
+    /// The caller: only the order's owner may act on it.
+    pub owner: Uuid,
+    /// `None`: any version.
+    pub expected_version: Option<i64>,
+    pub context: &'a EventContext,
+    pub key: Option<&'a IdempotencyKey>,
+}
+
+impl Envelope<'_> {
+    fn stream(&self) -> String {
+        es::stream_id::<Order>(self.order_id)
+    }
+}
+
+/// A decided command: the state before and after, and the events between.
+struct Decision {
+    current: Order,
+    next: Order,
+    events: Vec<OrderEvent>,
+    /// When the order was created (`None`: by this command).
+    first_at: Option<DateTime<Utc>>,
+}
+
 /// Why a command did not append.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -115,147 +145,96 @@ impl OrderCommands {
             .await?
             .filter(|used| used.same_request(key))
             .ok_or(CommandError::KeyReused)?;
-        let order_id = order_id_of(&used.stream_id).ok_or(CommandError::KeyReused)?;
+        let order_id = es::id_of_stream::<Order>(&used.stream_id).ok_or(CommandError::KeyReused)?;
         self.original(order_id, used.appended).await
     }
 
-    /// Places a new order. A repeated `key` returns the original order.
+    /// Places a new order with the envelope's id. A repeated `key` returns
+    /// the original order.
     ///
     /// # Errors
     ///
     /// See [`CommandError`].
     pub async fn create(
         &self,
+        envelope: &Envelope<'_>,
         command: OrderCommand,
-        context: &EventContext,
-        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
         let events = Order::default().handle(command)?;
-        let order = Order::replay(&events);
-        let order_id = order.id.ok_or(OrderError::NotFound)?;
+        let next = Order::replay(&events);
         self.append(
-            order_id,
-            Order::default(),
-            order,
-            (None, None),
-            &events,
-            context,
-            key,
+            envelope,
+            Decision {
+                current: Order::default(),
+                next,
+                events,
+                first_at: None,
+            },
         )
         .await
     }
 
-    /// Runs `command` on an existing order owned by `owner`.
+    /// Runs `command` on an existing order owned by `envelope.owner`.
     ///
     /// # Errors
     ///
     /// See [`CommandError`]; another user's order is `NotFound`.
     pub async fn execute(
         &self,
-        order_id: Uuid,
-        owner: Uuid,
+        envelope: &Envelope<'_>,
         command: OrderCommand,
-        expected_version: Option<i64>,
-        context: &EventContext,
-        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
-        let stream = es::stream_id::<Order>(order_id);
+        let stream = envelope.stream();
         let load = self
             .store
             .load_for_command(
                 &stream,
-                key.map(|k| k.key.as_str()),
+                envelope.key.map(|k| k.key.as_str()),
                 order_domain::SNAPSHOT_VERSION,
             )
             .await?;
-        if let (Some(used), Some(key)) = (load.key, key) {
+        if let (Some(used), Some(key)) = (load.key, envelope.key) {
             if used.stream_id != stream || !used.same_request(key) {
                 return Err(CommandError::KeyReused);
             }
-            return self.original(order_id, used.appended).await;
+            return self.original(envelope.order_id, used.appended).await;
         }
-        let (base, first_at, last_at) = match &load.snapshot {
+        let (base, first_at) = match &load.snapshot {
             Some(snapshot) => match serde_json::from_value::<Order>(snapshot.state.clone()) {
-                Ok(state) if state.version == snapshot.version => {
-                    (state, Some(snapshot.first_at), Some(snapshot.last_at))
-                }
-                _ => {
-                    return self
-                        .execute_without_snapshot(
-                            order_id,
-                            owner,
-                            command,
-                            expected_version,
-                            context,
-                            key,
-                        )
-                        .await;
-                }
+                Ok(state) if state.version == snapshot.version => (state, Some(snapshot.first_at)),
+                _ => return self.execute_without_snapshot(envelope, command).await,
             },
-            None => (Order::default(), None, None),
+            None => (Order::default(), None),
         };
         let current = fold(base, &load.events)?;
         let first_at = first_at.or_else(|| load.events.first().map(|e| e.occurred_at));
-        let last_at = load.events.last().map(|e| e.occurred_at).or(last_at);
-        self.decide(
-            order_id,
-            owner,
-            current,
-            (first_at, last_at),
-            command,
-            expected_version,
-            context,
-            key,
-        )
-        .await
+        self.decide(envelope, current, first_at, command).await
     }
 
     /// The slow path when a snapshot cannot be used: full replay.
     async fn execute_without_snapshot(
         &self,
-        order_id: Uuid,
-        owner: Uuid,
+        envelope: &Envelope<'_>,
         command: OrderCommand,
-        expected_version: Option<i64>,
-        context: &EventContext,
-        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
-        let events = self.store.load(&es::stream_id::<Order>(order_id)).await?;
-        let times = (
-            events.first().map(|e| e.occurred_at),
-            events.last().map(|e| e.occurred_at),
-        );
+        let events = self.store.load(&envelope.stream()).await?;
+        let first_at = events.first().map(|e| e.occurred_at);
         let current = fold(Order::default(), &events)?;
-        self.decide(
-            order_id,
-            owner,
-            current,
-            times,
-            command,
-            expected_version,
-            context,
-            key,
-        )
-        .await
+        self.decide(envelope, current, first_at, command).await
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn decide(
         &self,
-        order_id: Uuid,
-        owner: Uuid,
+        envelope: &Envelope<'_>,
         current: Order,
-        times: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+        first_at: Option<DateTime<Utc>>,
         command: OrderCommand,
-        expected_version: Option<i64>,
-        context: &EventContext,
-        key: Option<&IdempotencyKey>,
     ) -> Result<Outcome, CommandError> {
         // Another user's order does not exist, as far as this caller knows.
-        if current.status.is_none() || current.user_id != Some(owner) {
-            return Err(CommandError::NotFound(order_id));
+        if current.status.is_none() || current.user_id != Some(envelope.owner) {
+            return Err(CommandError::NotFound(envelope.order_id));
         }
-        if let Some(expected) = expected_version
+        if let Some(expected) = envelope.expected_version
             && expected != current.version
         {
             return Err(CommandError::WrongVersion {
@@ -268,21 +247,29 @@ impl OrderCommands {
         for event in &events {
             next.apply(event);
         }
-        self.append(order_id, current, next, times, &events, context, key)
-            .await
+        self.append(
+            envelope,
+            Decision {
+                current,
+                next,
+                events,
+                first_at,
+            },
+        )
+        .await
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn append(
         &self,
-        order_id: Uuid,
-        current: Order,
-        next: Order,
-        (first_at, _): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
-        events: &[OrderEvent],
-        context: &EventContext,
-        key: Option<&IdempotencyKey>,
+        envelope: &Envelope<'_>,
+        decision: Decision,
     ) -> Result<Outcome, CommandError> {
+        let Decision {
+            current,
+            next,
+            events,
+            first_at,
+        } = decision;
         let now = es_postgres::now();
         let first_at = first_at.unwrap_or(now);
         let new_events = events
@@ -299,15 +286,14 @@ impl OrderCommands {
                 first_at,
                 last_at: now,
             });
-        let stream = es::stream_id::<Order>(order_id);
         match self
             .store
             .append(
-                &stream,
+                &envelope.stream(),
                 current.version,
                 &new_events,
-                context,
-                key,
+                envelope.context,
+                envelope.key,
                 snapshot.as_ref(),
             )
             .await
@@ -324,21 +310,13 @@ impl OrderCommands {
                     position: appended.position,
                 })
             }
-            Err(AppendError::Conflict { .. }) => Err(CommandError::Conflict(order_id)),
+            Err(AppendError::Conflict { .. }) => Err(CommandError::Conflict(envelope.order_id)),
             // A concurrent retry with the same key won: answer as it did.
-            Err(AppendError::DuplicateKey) => match key {
+            Err(AppendError::DuplicateKey) => match envelope.key {
                 Some(key) => self.original_for_key(key).await,
                 None => Err(CommandError::KeyReused),
             },
             Err(error) => Err(CommandError::Append(error)),
         }
     }
-}
-
-/// The order id in an `order-<uuid>` stream id.
-#[must_use]
-pub fn order_id_of(stream_id: &str) -> Option<Uuid> {
-    stream_id
-        .strip_prefix("order-")
-        .and_then(|id| Uuid::parse_str(id).ok())
 }

@@ -79,7 +79,7 @@ impl UserStore {
             }
             _ => e.into(),
         })?;
-        let stream = format!("{}-{id}", user_domain::STREAM_PREFIX);
+        let stream = es::stream_name(user_domain::STREAM_PREFIX, id);
         es_postgres::store::append(&mut *tx, &stream, 0, &[new_event], context, None, None).await?;
         tx.commit().await?;
         Ok(UserRecord {

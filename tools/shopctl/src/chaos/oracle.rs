@@ -421,13 +421,9 @@ pub(crate) async fn collect(
     )
     .fetch_all(orders)
     .await?;
-    let prefix = format!("{}-", <Order as es::Aggregate>::STREAM_PREFIX);
     for row in rows {
         let stream: String = row.try_get("stream_id")?;
-        let Some(order_id) = stream
-            .strip_prefix(&prefix)
-            .and_then(|id| Uuid::parse_str(id).ok())
-        else {
+        let Some(order_id) = es::id_of_stream::<Order>(&stream) else {
             continue;
         };
         let event_type: String = row.try_get("event_type")?;

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
 use crate::{
-    commands::OrderCommands,
+    commands::{Envelope, OrderCommands},
     history::{self, At},
     projections::{ORDER_SUMMARY, ORDERS_BY_USER},
     proto::{answer, entry_to_proto, order_to_proto},
@@ -67,18 +67,14 @@ impl OrderApi {
         violations.into_result()?;
         let context = context(metadata, caller);
         let key = scoped_key(caller, key.as_ref(), common.fingerprint);
-        let expected = (common.expected_version > 0).then_some(common.expected_version);
-        let outcome = self
-            .commands
-            .execute(
-                order_id,
-                caller.user_id,
-                command,
-                expected,
-                &context,
-                key.as_ref(),
-            )
-            .await?;
+        let envelope = Envelope {
+            order_id,
+            owner: caller.user_id,
+            expected_version: (common.expected_version > 0).then_some(common.expected_version),
+            context: &context,
+            key: key.as_ref(),
+        };
+        let outcome = self.commands.execute(&envelope, command).await?;
         Ok(answer(&outcome))
     }
 }
@@ -100,7 +96,9 @@ impl OrderService for OrderApi {
     ) -> Result<Response<pb::CreateOrderResponse>, Status> {
         let caller = self.auth.authenticate(request.metadata()).await?;
         tracing::Span::current().record("user_id", tracing::field::display(caller.user_id));
-        let (command, key) = parse_create(request.get_ref(), caller)?;
+        // The API names new orders: time-ordered ids keep the indexes local.
+        let order_id = Uuid::now_v7();
+        let (command, key) = parse_create(request.get_ref(), order_id, caller)?;
         let context = context(request.metadata(), caller);
         let r = request.get_ref();
         let key = scoped_key(
@@ -108,10 +106,14 @@ impl OrderService for OrderApi {
             key.as_ref(),
             fingerprint("CreateOrder", r, |m| &mut m.idempotency_key),
         );
-        let outcome = self
-            .commands
-            .create(command, &context, key.as_ref())
-            .await?;
+        let envelope = Envelope {
+            order_id,
+            owner: caller.user_id,
+            expected_version: None,
+            context: &context,
+            key: key.as_ref(),
+        };
+        let outcome = self.commands.create(&envelope, command).await?;
         let (order, position) = answer(&outcome);
         tracing::info!(order_id = %order.id, position, "order created");
         Ok(Response::new(pb::CreateOrderResponse {

@@ -128,6 +128,7 @@ pub(super) fn parse_address(
 /// every bad field.
 pub(super) fn parse_create(
     request: &pb::CreateOrderRequest,
+    order_id: Uuid,
     caller: Caller,
 ) -> Result<(OrderCommand, Option<order_domain::IdempotencyKey>), Status> {
     let mut violations = FieldViolations::new();
@@ -165,7 +166,7 @@ pub(super) fn parse_create(
     match (currency, shipping_address, key) {
         (Some(currency), Some(shipping_address), Some(key)) if violations.is_empty() => Ok((
             OrderCommand::Create {
-                order_id: Uuid::now_v7(),
+                order_id,
                 user_id: caller.user_id,
                 currency,
                 lines,
