@@ -6,14 +6,15 @@
 //! Lifecycle: `created -> paid -> shipped -> delivered`, and
 //! `created | paid -> cancelled`.
 
+mod inputs;
 mod upcast;
 mod values;
 
+pub use inputs::{Amount, AmountError, IdempotencyKey, KeyError};
 pub use upcast::{DecodeError, decode, upcast};
 pub use values::{
-    AddressLine, Amount, AmountError, CancelReason, Carrier, CountryCode, Currency, CurrencyError,
-    IdempotencyKey, KeyError, LineError, OrderLine, PaymentReference, Quantity, ShippingAddress,
-    Sku, TextError, TrackingNumber, UnitPrice,
+    AddressLine, CancelReason, Carrier, CountryCode, Currency, CurrencyError, LineError, OrderLine,
+    PaymentReference, Quantity, ShippingAddress, Sku, TextError, TrackingNumber, UnitPrice,
 };
 
 use es::{Aggregate, DomainEvent};
