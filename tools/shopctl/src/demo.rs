@@ -41,7 +41,11 @@ pub(crate) async fn run_or_start(stack_file: &Path) -> anyhow::Result<()> {
             .parent()
             .map_or_else(|| ".shop".into(), Path::to_path_buf),
     };
-    crate::stack::up(options, true, true).await
+    crate::stack::up(options, |stack| async move {
+        run(&stack).await?;
+        Ok(crate::stack::Then::Stop)
+    })
+    .await
 }
 
 async fn connect(url: &str) -> anyhow::Result<Channel> {

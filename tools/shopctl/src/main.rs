@@ -256,7 +256,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             options,
         } => {
             let _telemetry = platform::telemetry::init("shopctl");
-            stack::up(options, demo, exit_after_demo).await
+            stack::up(options, move |stack| async move {
+                if demo {
+                    demo::run(&stack).await?;
+                    if exit_after_demo {
+                        return Ok(stack::Then::Stop);
+                    }
+                    out!("\nThe stack keeps running; Ctrl-C stops it.");
+                }
+                Ok(stack::Then::Serve)
+            })
+            .await
         }
         Command::Demo { stack_file } => demo::run_or_start(&stack_file).await,
         Command::Status { stack_file, json } => status::show(&stack_file, json).await,

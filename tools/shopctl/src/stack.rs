@@ -40,6 +40,14 @@ pub(crate) struct Process {
     pub(crate) start_ticks: u64,
 }
 
+/// What [`up`] does after its `when_ready` task: keep the stack running
+/// until stopped, or stop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Then {
+    Serve,
+    Stop,
+}
+
 /// Endpoints of a running stack, written to `<data-dir>/stack.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct StackFile {
@@ -140,14 +148,14 @@ pub(crate) async fn wait_healthy(
     }
 }
 
-/// Starts everything, prints endpoints, optionally runs the demo, and stops
-/// it all (services first, then NATS and Postgres) on Ctrl-C or SIGTERM or
-/// when a service dies.
-pub(crate) async fn up(
-    options: UpOptions,
-    demo: bool,
-    exit_after_demo: bool,
-) -> anyhow::Result<()> {
+/// Starts everything, prints endpoints, runs `when_ready` (the demo, say), and
+/// unless it asks to stop, serves until Ctrl-C, SIGTERM or a dying service;
+/// then stops it all (services first, then NATS and Postgres).
+pub(crate) async fn up<F, Fut>(options: UpOptions, when_ready: F) -> anyhow::Result<()>
+where
+    F: FnOnce(StackFile) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Then>>,
+{
     fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating the data dir {}", options.data_dir.display()))?;
     let data_dir = fs::canonicalize(&options.data_dir)?;
@@ -172,8 +180,7 @@ pub(crate) async fn up(
         &data_dir,
         &mut infrastructure,
         &mut services,
-        demo,
-        exit_after_demo,
+        when_ready,
     )
     .await;
     if let Err(error) = &result {
@@ -312,14 +319,17 @@ async fn stop_stale_children(data_dir: &Path) {
     let _ = fs::remove_file(data_dir.join(CHILDREN));
 }
 
-async fn run(
+async fn run<F, Fut>(
     options: &UpOptions,
     data_dir: &Path,
     infrastructure: &mut Vec<Managed>,
     services: &mut Vec<Managed>,
-    demo: bool,
-    exit_after_demo: bool,
-) -> anyhow::Result<()> {
+    when_ready: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(StackFile) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Then>>,
+{
     let stop = platform::shutdown::on_signal();
     infra::install_missing(options.nats_url.is_none(), options.postgres_url.is_none())?;
     let nats_url = match &options.nats_url {
@@ -448,12 +458,8 @@ async fn run(
     out!("All services answer grpc.health.v1 and reflection. Ctrl-C stops everything.");
     out!();
 
-    if demo {
-        crate::demo::run(&stack).await?;
-        if exit_after_demo {
-            return Ok(());
-        }
-        out!("\nThe stack keeps running; Ctrl-C stops it.");
+    if let Then::Stop = when_ready(stack.clone()).await? {
+        return Ok(());
     }
     loop {
         tokio::select! {
