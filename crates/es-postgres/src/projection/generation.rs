@@ -16,11 +16,18 @@ use crate::tail::{Cursor, Subscriber, TailError};
 
 /// One generation of one projection, following the events table.
 pub(super) struct Generation<P> {
-    pub(super) projection: Arc<P>,
-    pub(super) generation: i32,
+    projection: Arc<P>,
+    generation: i32,
     /// When [`Subscriber::keep_running`] last asked the registry.
-    pub(super) checked: Option<Instant>,
+    checked: Option<Instant>,
+    /// Events applied by this follower, and when the tables were last
+    /// analysed (see [`Projection::tables`]).
+    applied: u64,
+    analysed_at: u64,
 }
+
+/// Events applied before the first analysis of a growing generation.
+const FIRST_ANALYSIS: u64 = 5_000;
 
 /// How often a follower asks the registry whether its generation is still
 /// wanted (and, building, whether it has caught up). Correctness does not
@@ -37,6 +44,32 @@ struct Retired {
 }
 
 impl<P: Projection> Generation<P> {
+    pub(super) fn new(projection: Arc<P>, generation: i32) -> Self {
+        Self {
+            projection,
+            generation,
+            checked: None,
+            applied: 0,
+            analysed_at: 0,
+        }
+    }
+
+    /// Refreshes the planner's statistics of the projection's tables each
+    /// time this follower's applied events have doubled: O(log n) analyses
+    /// for n events, none on a quiet live generation.
+    async fn analyse_if_grown(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.applied < (2 * self.analysed_at).max(FIRST_ANALYSIS) {
+            return Ok(());
+        }
+        for table in self.projection.tables() {
+            sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {table}")))
+                .execute(&mut *conn)
+                .await?;
+        }
+        self.analysed_at = self.applied;
+        Ok(())
+    }
+
     /// Moves the checkpoint, only while the generation is live or building.
     /// The registry row is locked `FOR SHARE`, so a switch-over (which locks
     /// it `FOR UPDATE`, then clears the retired rows) either waits for this
@@ -165,6 +198,8 @@ impl<P: Projection> Subscriber for Generation<P> {
         }
         tx.commit().await?;
         drop(spans);
+        self.applied += batch.len() as u64;
+        self.analyse_if_grown(conn).await?;
         Ok(())
     }
 

@@ -40,6 +40,15 @@ pub trait Projection: Send + Sync + 'static {
         events: &[&RecordedEvent],
     ) -> impl Future<Output = Result<(), TailError>> + Send;
 
+    /// The tables the projection writes. A generation being built fills
+    /// them faster than autovacuum re-analyses them; the planner, believing
+    /// the new generation empty, would then scan it whole for every batch
+    /// (a rebuild slowing down quadratically). The follower analyses these
+    /// tables each time its generation has doubled.
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Deletes every row of `generation` (a retired or restarted generation).
     fn clear(
         &self,
@@ -242,11 +251,7 @@ pub async fn run<P: Projection>(
                     std::iter::once(status.live_generation).chain(status.building_generation)
                 {
                     running.entry(generation).or_insert_with(|| {
-                        let follower = Generation {
-                            projection: projection.clone(),
-                            generation,
-                            checked: None,
-                        };
+                        let follower = Generation::new(projection.clone(), generation);
                         // A rebuild reads in large batches: each batch is
                         // one transaction and two statements per read model.
                         let mut config = config.clone();

@@ -235,6 +235,10 @@ impl Projection for OrderSummary {
         ORDER_SUMMARY
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &[ORDER_SUMMARY]
+    }
+
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
@@ -312,6 +316,10 @@ pub struct OrdersByUser;
 impl Projection for OrdersByUser {
     fn name(&self) -> &'static str {
         ORDERS_BY_USER
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[ORDERS_BY_USER]
     }
 
     async fn apply_batch(
