@@ -69,18 +69,17 @@ impl DatabaseUrl {
     #[must_use]
     pub fn redacted(&self) -> String {
         let url = &self.0;
+        // The user info ends at the last `@`: a password may hold `/`, `?`
+        // or `@` itself. A stray `@` later on redacts too much, never too
+        // little.
         let mut out = match url.split_once("://") {
-            Some((scheme, rest)) => {
-                let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-                let authority = match authority.rsplit_once('@') {
-                    Some((user_info, host)) => match user_info.split_once(':') {
-                        Some((user, _password)) => format!("{user}:***@{host}"),
-                        None => authority.to_owned(),
-                    },
-                    None => authority.to_owned(),
-                };
-                format!("{scheme}://{authority}{tail}")
-            }
+            Some((scheme, rest)) => match rest.rfind('@') {
+                Some(at) => match rest[..at].split_once(':') {
+                    Some((user, _password)) => format!("{scheme}://{user}:***@{}", &rest[at + 1..]),
+                    None => url.clone(),
+                },
+                None => url.clone(),
+            },
             None => url.clone(),
         };
         if let Some((path, query)) = out.split_once('?') {
@@ -140,6 +139,8 @@ mod tests {
                 "{shown}"
             );
         }
+        let odd = DatabaseUrl::new("postgres://shop:pa/ss?w@rd@db:5432/shop");
+        assert_eq!(odd.redacted(), "postgres://shop:***@db:5432/shop");
         let query = DatabaseUrl::new("postgres://db/shop?user=shop&password=s3cret");
         assert_eq!(
             query.redacted(),

@@ -53,8 +53,9 @@ pub async fn migrate(
 }
 
 /// A storage failure, classified once, where it happens: the database was
-/// unreachable or going away (retrying later or elsewhere can help), or the
-/// statement itself failed (a bug or bad data: retrying cannot help).
+/// unreachable, going away or the statement lost a race or a timeout
+/// (retrying can help: UNAVAILABLE), or the statement itself failed (a bug
+/// or bad data: retrying cannot help: INTERNAL).
 /// Stores return it; handlers pass it on with `?` (it converts to a
 /// `Status`), so no handler looks at a `sqlx::Error`.
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +84,13 @@ impl From<sqlx::Error> for StorageError {
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed => true,
             // Connection exceptions and operator intervention (shutdown,
-            // crash recovery).
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            // crash recovery), and what passes on a retry: a statement
+            // timeout, a serialization failure, a deadlock, a lock not got.
+            sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+                c.starts_with("08")
+                    || c.starts_with("57P")
+                    || matches!(&*c, "57014" | "40001" | "40P01" | "55P03")
+            }),
             _ => false,
         };
         if unavailable {
