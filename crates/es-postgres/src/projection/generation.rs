@@ -55,19 +55,22 @@ impl<P: Projection> Generation<P> {
     }
 
     /// Refreshes the planner's statistics of the projection's tables each
-    /// time this follower's applied events have doubled: O(log n) analyses
-    /// for n events, none on a quiet live generation.
-    async fn analyse_if_grown(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// time the events this follower applied have doubled: O(log n)
+    /// analyses for n events, none on a quiet live generation. Best effort:
+    /// a failed analysis is logged and not retried before the next doubling.
+    async fn analyse_if_grown(&mut self, conn: &mut PgConnection) {
         if self.applied < (2 * self.analysed_at).max(FIRST_ANALYSIS) {
-            return Ok(());
-        }
-        for table in self.projection.tables() {
-            sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {table}")))
-                .execute(&mut *conn)
-                .await?;
+            return;
         }
         self.analysed_at = self.applied;
-        Ok(())
+        for table in self.projection.tables() {
+            if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {table}")))
+                .execute(&mut *conn)
+                .await
+            {
+                tracing::warn!(%error, table, "cannot refresh the planner's statistics");
+            }
+        }
     }
 
     /// Moves the checkpoint, only while the generation is live or building.
@@ -199,7 +202,7 @@ impl<P: Projection> Subscriber for Generation<P> {
         tx.commit().await?;
         drop(spans);
         self.applied += batch.len() as u64;
-        self.analyse_if_grown(conn).await?;
+        self.analyse_if_grown(conn).await;
         Ok(())
     }
 

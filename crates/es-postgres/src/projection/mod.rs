@@ -44,7 +44,7 @@ pub trait Projection: Send + Sync + 'static {
     /// them faster than autovacuum re-analyses them; the planner, believing
     /// the new generation empty, would then scan it whole for every batch
     /// (a rebuild slowing down quadratically). The follower analyses these
-    /// tables each time its generation has doubled.
+    /// tables each time the events it applied have doubled.
     fn tables(&self) -> &'static [&'static str] {
         &[]
     }
