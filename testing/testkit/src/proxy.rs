@@ -27,7 +27,8 @@ pub enum Link {
     Up,
     /// A partition: nothing flows either way (both ends keep their
     /// sockets and see silence, as when packets are dropped); new
-    /// connections are accepted and hang. Healing lets the held bytes go.
+    /// connections are accepted (and connected upstream) but carry nothing.
+    /// Healing lets the held bytes go.
     Blackhole,
     /// Every chunk waits this long in each direction.
     Latency(Duration),

@@ -359,7 +359,16 @@ async fn drive(
             passed: before + after > 0.0,
         });
     }
-    scenario_checks(scenario, &js, &facts, &injected, &ledger, outcome).await?;
+    scenario_checks(
+        scenario,
+        options.min_commands,
+        &js,
+        &facts,
+        &injected,
+        &ledger,
+        outcome,
+    )
+    .await?;
     Ok(())
 }
 
@@ -401,6 +410,7 @@ async fn wait_rebuilt(pool: &sqlx::PgPool, name: &str, generation: i32) -> bool 
 /// what it is named for.
 async fn scenario_checks(
     scenario: Scenario,
+    min_commands: usize,
     js: &async_nats::jetstream::Context,
     facts: &oracle::Facts,
     injected: &scenarios::Injected,
@@ -461,14 +471,29 @@ async fn scenario_checks(
             timeouts == 0,
         );
     }
+    check(
+        format!(
+            "at least {min_commands} commands acknowledged ({acknowledged})",
+            acknowledged = facts.acks.len()
+        ),
+        facts.acks.len() >= min_commands,
+    );
     for (what, passed) in &injected.checks {
         check(what.clone(), *passed);
     }
-    if let scenarios::Fault::Signal { .. }
-    | scenarios::Fault::KillNats { .. }
-    | scenarios::Fault::CrashPostgres { .. }
-    | scenarios::Fault::Partition { .. }
-    | scenarios::Fault::Latency { .. } = scenario.fault
+    // Only where the fault is on the command path (NATS and
+    // notification-service faults never stop commands: the outbox absorbs
+    // them, and the oracle judges what they delay).
+    if let Fault::Signal {
+        service: Service::Order | Service::User,
+        ..
+    }
+    | Fault::CrashPostgres { .. }
+    | Fault::Partition {
+        peer: stack::Peer::Postgres | stack::Peer::UserService,
+        ..
+    }
+    | Fault::Latency { .. } = scenario.fault
     {
         check(
             "commands succeeded again after the heal".to_owned(),

@@ -144,7 +144,6 @@ impl ChaosStack {
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let nats_port = infra::free_port()?;
-        let (nats, nats_url) = infra::start_nats_at(dir, nats_port).await?;
         let names = [
             format!("{prefix}_users"),
             format!("{prefix}_orders"),
@@ -181,6 +180,7 @@ impl ChaosStack {
             )
         };
         let key = crate::stack::signing_key(&dir.join("signing.key"))?;
+        let nats_url = format!("nats://127.0.0.1:{nats_port}");
         let common = |grpc: u16, admin: u16, db: String, nats: String| {
             vec![
                 ("APP_GRPC_ADDR", format!("127.0.0.1:{grpc}")),
@@ -228,6 +228,9 @@ impl ChaosStack {
                 process: None,
             });
         }
+        // Everything that can fail without leaving a process behind is
+        // done; from here on a failure stops what was started.
+        let (nats, _) = infra::start_nats_at(dir, nats_port).await?;
         let mut stack = Self {
             dir: dir.to_owned(),
             nats_port,
@@ -242,7 +245,10 @@ impl ChaosStack {
             user_link,
         };
         for service in Service::ALL {
-            stack.start_service(service).await?;
+            if let Err(error) = stack.start_service(service).await {
+                stack.stop().await;
+                return Err(error);
+            }
         }
         Ok(stack)
     }
@@ -292,22 +298,22 @@ impl ChaosStack {
     }
 
     /// The sum of the service's metric `name` over the series whose label
-    /// `label` has `value`; 0 when the service does not answer.
+    /// `label` has `value`; `None` when the service does not answer or has
+    /// no such series (so an unreachable service never reads as 0).
     pub(crate) async fn metric(
         &self,
         service: Service,
         name: &str,
         (label, value): (&str, &str),
-    ) -> f64 {
+    ) -> Option<f64> {
         let url = format!("{}/metrics", self.admin(service));
-        let Ok(response) = reqwest::get(&url).await else {
-            return 0.0;
-        };
-        let text = response.text().await.unwrap_or_default();
-        crate::status::parse_metrics(&text)
+        let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        let samples: Vec<f64> = crate::status::parse_metrics(&text)
             .iter()
             .filter(|s| s.name == name && s.labels.get(label).map(String::as_str) == Some(value))
-            .fold(0.0, |sum, s| sum + s.value)
+            .map(|s| s.value)
+            .collect();
+        (!samples.is_empty()).then(|| samples.iter().fold(0.0, |sum, v| sum + v))
     }
 
     /// Redelivered events notification-service recognised as done before.
@@ -318,6 +324,7 @@ impl ChaosStack {
             ("outcome", "duplicate"),
         )
         .await
+        .unwrap_or(0.0)
     }
 
     /// kill -9 of nats-server.
