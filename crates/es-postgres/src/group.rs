@@ -16,7 +16,7 @@ use std::{collections::HashSet, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use es::EventContext;
-use sqlx::{PgPool, Row as _};
+use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -65,10 +65,10 @@ impl GroupCommit {
         self.sender
             .send(request)
             .await
-            .map_err(|_| AppendError::Database(sqlx::Error::PoolClosed.into()))?;
+            .map_err(|_| AppendError::from(sqlx::Error::PoolClosed))?;
         answer
             .await
-            .map_err(|_| AppendError::Database(sqlx::Error::PoolClosed.into()))?
+            .map_err(|_| AppendError::from(sqlx::Error::PoolClosed))?
     }
 }
 
@@ -275,18 +275,8 @@ async fn append_group(pool: &PgPool, batch: &[Request]) -> Result<Vec<Appended>,
         .bind(&c.snap_last)
         .bind(&c.key_fingerprint)
         .fetch_all(pool)
-        .await
-        .map_err(|e| AppendError::Database(e.into()))?;
+        .await?;
     rows.iter()
-        .map(|row| {
-            Ok(Appended {
-                version: row
-                    .try_get("version")
-                    .map_err(|e| AppendError::Database(e.into()))?,
-                position: row
-                    .try_get("position")
-                    .map_err(|e| AppendError::Database(e.into()))?,
-            })
-        })
+        .map(|row| Ok(Appended::from_row(row)?))
         .collect()
 }

@@ -197,14 +197,23 @@ pub async fn append<'e>(
         .fetch_one(executor)
         .await
         .map_err(|e| classify(e, stream_id, expected_version))?;
-    Ok(Appended {
-        version: row
-            .try_get("version")
-            .map_err(|e| AppendError::Database(e.into()))?,
-        position: row
-            .try_get("position")
-            .map_err(|e| AppendError::Database(e.into()))?,
-    })
+    Ok(Appended::from_row(&row)?)
+}
+
+impl From<sqlx::Error> for AppendError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error.into())
+    }
+}
+
+impl Appended {
+    /// Reads the `version` and `position` an append statement returned.
+    pub(crate) fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            version: row.try_get("version")?,
+            position: row.try_get("position")?,
+        })
+    }
 }
 
 fn classify(error: sqlx::Error, stream_id: &str, expected_version: i64) -> AppendError {
@@ -222,7 +231,7 @@ fn classify(error: sqlx::Error, stream_id: &str, expected_version: i64) -> Appen
             _ => {}
         }
     }
-    AppendError::Database(error.into())
+    error.into()
 }
 
 /// The event store of one service database.
