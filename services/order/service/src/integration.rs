@@ -5,37 +5,13 @@ use contracts::events::v1 as pb;
 use es::RecordedEvent;
 use es_postgres::{IntegrationMapper, integration, relay::MapError};
 use messaging::OutboundMessage;
-use order_domain::{OrderEvent, OrderLine, ShippingAddress};
+use order_domain::OrderEvent;
+
+use crate::wire;
 
 /// Maps order-service's stored events for the outbox relay.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OrderEvents;
-
-fn lines(lines: &[OrderLine]) -> Vec<pb::OrderLine> {
-    lines
-        .iter()
-        .map(|line| pb::OrderLine {
-            sku: line.sku.as_str().to_owned(),
-            quantity: i32::try_from(line.quantity.get()).unwrap_or(i32::MAX),
-            unit_price_minor: line.unit_price.minor(),
-        })
-        .collect()
-}
-
-fn address(address: &ShippingAddress) -> pb::ShippingAddress {
-    pb::ShippingAddress {
-        name: address.name.to_string(),
-        line1: address.line1.to_string(),
-        line2: address
-            .line2
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        city: address.city.to_string(),
-        postal_code: address.postal_code.to_string(),
-        country: address.country.as_str().to_owned(),
-    }
-}
 
 impl IntegrationMapper for OrderEvents {
     fn map(&self, event: &RecordedEvent) -> Result<Option<OutboundMessage>, MapError> {
@@ -60,7 +36,7 @@ impl IntegrationMapper for OrderEvents {
                     metadata,
                     order_id: order_id.to_string(),
                     user_id: user_id.to_string(),
-                    items: lines(&items),
+                    items: wire::events::lines(&items),
                     currency: currency.to_string(),
                     total_minor,
                 },
@@ -99,10 +75,10 @@ impl IntegrationMapper for OrderEvents {
                     user_id: user_id.to_string(),
                     carrier: carrier.to_string(),
                     tracking_number: tracking_number.to_string(),
-                    items: lines(&items),
+                    items: wire::events::lines(&items),
                     currency: currency.to_string(),
                     total_minor,
-                    shipping_address: Some(address(&shipping_address)),
+                    shipping_address: Some(wire::events::address(&shipping_address)),
                 },
             ),
             OrderEvent::Delivered { order_id, user_id } => integration::outbound(

@@ -14,6 +14,7 @@ pub mod integration;
 pub mod projections;
 pub mod proto;
 pub mod queries;
+pub mod wire;
 
 pub use app::Application;
 pub use config::Settings;

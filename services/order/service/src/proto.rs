@@ -2,11 +2,11 @@
 //! used by the handlers (command answers, history) and the read models.
 
 use contracts::order::v1 as pb;
-use order_domain::{Order, OrderLine, OrderStatus, ShippingAddress};
+use order_domain::{Order, OrderStatus};
 
 use crate::{
     commands::{Outcome, Times},
-    history,
+    history, wire,
 };
 
 /// The API view of an aggregate state.
@@ -17,7 +17,7 @@ pub fn order_to_proto(order: &Order, (created_at, updated_at): Times) -> pb::Ord
         id: order.id.map(|id| id.to_string()).unwrap_or_default(),
         user_id: order.user_id.map(|id| id.to_string()).unwrap_or_default(),
         status: status_to_proto(order.status).into(),
-        items: lines_to_proto(&order.lines),
+        items: wire::order::lines(&order.lines),
         total: order.currency.as_ref().map(|currency| pb::Money {
             currency: currency.to_string(),
             amount_minor: order.total_minor,
@@ -25,7 +25,7 @@ pub fn order_to_proto(order: &Order, (created_at, updated_at): Times) -> pb::Ord
         version: order.version,
         created_at: Some(contracts::timestamp(created_at)),
         updated_at: Some(contracts::timestamp(updated_at)),
-        shipping_address: order.shipping_address.as_ref().map(address_to_proto),
+        shipping_address: order.shipping_address.as_ref().map(wire::order::address),
         payment_reference: text(order.payment_reference.as_ref().map(ToString::to_string)),
         carrier: text(order.carrier.as_ref().map(ToString::to_string)),
         tracking_number: text(order.tracking_number.as_ref().map(ToString::to_string)),
@@ -66,31 +66,5 @@ pub(crate) fn status_to_proto(status: Option<OrderStatus>) -> pb::OrderStatus {
         Some(OrderStatus::Shipped) => pb::OrderStatus::Shipped,
         Some(OrderStatus::Delivered) => pb::OrderStatus::Delivered,
         Some(OrderStatus::Cancelled) => pb::OrderStatus::Cancelled,
-    }
-}
-
-pub(crate) fn lines_to_proto(lines: &[OrderLine]) -> Vec<pb::OrderItem> {
-    lines
-        .iter()
-        .map(|line| pb::OrderItem {
-            sku: line.sku.as_str().to_owned(),
-            quantity: i32::try_from(line.quantity.get()).unwrap_or(i32::MAX),
-            unit_price_minor: line.unit_price.minor(),
-        })
-        .collect()
-}
-
-pub(crate) fn address_to_proto(address: &ShippingAddress) -> pb::ShippingAddress {
-    pb::ShippingAddress {
-        name: address.name.to_string(),
-        line1: address.line1.to_string(),
-        line2: address
-            .line2
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        city: address.city.to_string(),
-        postal_code: address.postal_code.to_string(),
-        country: address.country.as_str().to_owned(),
     }
 }

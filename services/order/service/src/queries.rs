@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use crate::{
     projections::{ORDER_SUMMARY, ORDERS_BY_USER},
-    proto::{address_to_proto, lines_to_proto, status_to_proto},
+    proto::status_to_proto,
+    wire,
 };
 
 /// Why a query failed.
@@ -66,12 +67,12 @@ fn order_from_row(row: &PgRow) -> Result<pb::Order, QueryError> {
         id: row.try_get::<Uuid, _>("order_id")?.to_string(),
         user_id: row.try_get::<Uuid, _>("user_id")?.to_string(),
         status: status_of(row)?.into(),
-        items: lines_to_proto(&lines),
+        items: wire::order::lines(&lines),
         total: Some(money(row)?),
         version: row.try_get("version")?,
         created_at: Some(contracts::timestamp(row.try_get("created_at")?)),
         updated_at: Some(contracts::timestamp(row.try_get("updated_at")?)),
-        shipping_address: address.as_ref().map(address_to_proto),
+        shipping_address: address.as_ref().map(wire::order::address),
         payment_reference: text("payment_reference")?,
         carrier: text("carrier")?,
         tracking_number: text("tracking_number")?,
