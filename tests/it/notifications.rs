@@ -719,3 +719,111 @@ async fn a_message_that_waited_too_long_does_not_swallow_its_predecessor() -> an
     stack.stop().await;
     Ok(())
 }
+
+/// Issue 11: a lane takes what queued up while it was busy as one batch,
+/// in one transaction. Inside a batch each order still goes in event order
+/// (an order's second event published before its first waits for it), and
+/// each event is delivered once (a copy republished past JetStream's
+/// duplicate window is a duplicate, also when both copies share a batch).
+#[tokio::test]
+async fn a_backlog_is_handled_in_batches_once_per_event_and_in_order_per_order()
+-> anyhow::Result<()> {
+    let stack = TestStack::start_configured(
+        |_| {},
+        |n| {
+            n.consumer_lanes = 1;
+            // The lane holds its first batch this long: the rest queues up.
+            n.faults.pause_before_ack_ms = 400;
+            n.retry_base_ms = 20;
+            n.retry_max_ms = 40;
+        },
+    )
+    .await?;
+    let (user_id, token) = stack.signed_up_user().await?;
+    let orders: Vec<uuid::Uuid> = (0..8).map(|_| uuid::Uuid::now_v7()).collect();
+    let mut messages = Vec::new();
+    for (n, order_id) in orders.iter().enumerate() {
+        let created = crafted(&user_id, *order_id, "order.created.v2.json", 1)?;
+        let paid = crafted(&user_id, *order_id, "order.paid.v1.json", 2)?;
+        let cancelled = crafted(&user_id, *order_id, "order.cancelled.v1.json", 3)?;
+        if n == 0 {
+            // Out of order: paid, created, cancelled.
+            messages.extend([paid, created, cancelled]);
+        } else {
+            let mut copy = created.clone();
+            copy.message_id = uuid::Uuid::now_v7().to_string(); // past dedup
+            messages.extend([created, paid]);
+            if n % 3 == 1 {
+                messages.push(copy);
+            }
+            messages.push(cancelled);
+        }
+    }
+    let published = messages.len();
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
+    messaging::publish_all(&js, &messages).await?;
+
+    let listed = eventually("every notification", Duration::from_secs(30), || async {
+        let listed = stack
+            .notifications()
+            .await
+            .ok()?
+            .list_notifications(bearer(
+                &token,
+                ListNotificationsRequest {
+                    user_id: user_id.clone(),
+                    page_size: 100,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .ok()?
+            .into_inner()
+            .notifications;
+        let of_orders: Vec<_> = listed
+            .into_iter()
+            .filter(|n| n.event_type.starts_with("order."))
+            .collect();
+        (of_orders.len() >= orders.len() * 3).then_some(of_orders)
+    })
+    .await?;
+    assert_eq!(
+        listed.len(),
+        orders.len() * 3,
+        "each event once: {listed:?}"
+    );
+    for order_id in &orders {
+        // Listed newest first.
+        let sequence: Vec<&str> = listed
+            .iter()
+            .rev()
+            .filter(|n| {
+                n.body.contains(&order_id.to_string()) || n.subject.contains(&order_id.to_string())
+            })
+            .map(|n| n.event_type.as_str())
+            .collect();
+        assert_eq!(
+            sequence,
+            ["order.created", "order.paid", "order.cancelled"],
+            "order {order_id}"
+        );
+    }
+    let (_, text) = testkit::http_get(stack.notification_admin, "/metrics").await?;
+    let series = "name=\"notification-service-orders\"";
+    let batches = testkit::metric(&text, "shop_consumer_batch_size_count", series)
+        .ok_or_else(|| anyhow::anyhow!("no batch count in {text}"))?;
+    let handled = testkit::metric(&text, "shop_consumer_batch_size_sum", series)
+        .ok_or_else(|| anyhow::anyhow!("no batch sum"))?;
+    assert!(
+        handled >= published as f64,
+        "every message was handled in some batch: {handled} of {published}"
+    );
+    assert!(
+        batches * 3.0 <= handled,
+        "the backlog went in batches ({batches} batches for {handled} messages)"
+    );
+    let letters = messaging::dlq::list(&js).await?;
+    assert!(letters.is_empty(), "nothing is dead: {letters:?}");
+    stack.stop().await;
+    Ok(())
+}

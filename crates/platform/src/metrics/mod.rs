@@ -78,6 +78,7 @@ pub struct Metrics {
     relay_lag_seconds: Family<Name, Gauge<f64, std::sync::atomic::AtomicU64>>,
     consumer_pending: Family<Name, Gauge>,
     consumer_redeliveries: Family<Name, Counter>,
+    consumer_batch_size: Family<Name, Histogram>,
     dlq_messages: Gauge,
     db_pool: Family<PoolState, Gauge>,
 }
@@ -112,6 +113,10 @@ impl Metrics {
             relay_lag_seconds: Family::default(),
             consumer_pending: Family::default(),
             consumer_redeliveries: Family::default(),
+            consumer_batch_size: Family::new_with_constructor(|| {
+                // 1 .. 512 messages
+                Histogram::new(exponential_buckets(1.0, 2.0, 10))
+            }),
             dlq_messages: Gauge::default(),
             db_pool: Family::default(),
             registry: Arc::new(Mutex::new(Registry::default())),
@@ -180,6 +185,11 @@ impl Metrics {
             "consumer_redeliveries",
             "Messages delivered again to a consumer (after a NAK, timeout or crash)",
             metrics.consumer_redeliveries.clone(),
+        );
+        registry.register(
+            "consumer_batch_size",
+            "Messages a consumer lane handled in one transaction",
+            metrics.consumer_batch_size.clone(),
         );
         registry.register(
             "dlq_messages",
@@ -311,6 +321,15 @@ impl Metrics {
                 name: consumer.to_owned(),
             })
             .inc();
+    }
+
+    /// Records the size of a batch one of the consumer's lanes handled.
+    pub fn consumer_batch(&self, consumer: &str, messages: usize) {
+        self.consumer_batch_size
+            .get_or_create(&Name {
+                name: consumer.to_owned(),
+            })
+            .observe(messages as f64);
     }
 
     /// Messages in the dead-letter stream.

@@ -46,6 +46,9 @@ pub struct Settings {
     /// `APP_CONSUMER_LANES`: messages handled at once per consumer, in
     /// parallel across orders (one order's messages always share a lane).
     pub consumer_lanes: usize,
+    /// `APP_CONSUMER_BATCH`: most messages one lane handles in one
+    /// transaction (it takes what has queued up, so one when idle).
+    pub consumer_batch: usize,
     /// Redelivery delays: capped exponential backoff with full jitter.
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
@@ -130,6 +133,7 @@ impl Default for Settings {
             max_deliver: 8,
             max_wait_secs: 600,
             consumer_lanes: 16,
+            consumer_batch: 64,
             limits: UserLimits::default(),
             retry_base_ms: 500,
             retry_max_ms: 60_000,

@@ -1,7 +1,11 @@
-//! Delivery of one decoded event: the per-order ordering gate, then every
-//! channel not yet recorded for the event, each success recorded at once.
+//! Delivery of a batch of decoded events: the per-order ordering gate, then
+//! every channel not yet recorded for each event, each email or webhook
+//! success recorded at once.
+
+use std::collections::HashMap;
 
 use notification_domain::{Channel, Trigger};
+use uuid::Uuid;
 
 use super::{Deliverer, decode::Decoded, failures::Problem};
 use crate::{
@@ -9,66 +13,133 @@ use crate::{
     store::{self, Delivered},
 };
 
+/// One decoded message of a batch.
+pub(super) struct Item<'a> {
+    pub(super) subject: &'a str,
+    pub(super) decoded: &'a Decoded,
+    /// A redriven dead letter skips the ordering gate: its order has moved
+    /// on, and it is delivered late, once.
+    pub(super) redriven: bool,
+    /// The message's span (it continues the relay's trace).
+    pub(super) span: &'a tracing::Span,
+}
+
+impl Item<'_> {
+    /// The order and version the gate checks, if any.
+    fn gated(&self) -> Option<(Uuid, i64)> {
+        self.decoded.order.filter(|_| !self.redriven)
+    }
+}
+
 impl Deliverer {
-    /// Delivers what `decoded` causes. A redriven dead letter skips the
-    /// ordering gate: its order has moved on, and it is delivered late, once.
+    /// Delivers what each item causes, in one transaction for the batch:
+    /// BEGIN, the orders' advisory locks, one read (progress, channels
+    /// already done, webhooks, addresses), one write (the log records and
+    /// the finished versions), COMMIT: five round trips however many events
+    /// (ADR 11). An email or webhook success is recorded at once on its own,
+    /// so a later failure never makes it go out twice.
     ///
-    /// An order event costs five round trips: BEGIN, the order's advisory
-    /// lock, one read (progress, channels already done, webhooks, address),
-    /// one write (the log record and the finished version), COMMIT. An
-    /// email or webhook success is recorded at once on its own, so a later
-    /// channel's failure never makes it go out twice.
-    /// `Ok(true)` for a duplicate: everything it causes was done before.
+    /// Items are handled in their order; an order's later event in the same
+    /// batch sees the earlier one finished. Per item, `Ok(true)` is a
+    /// duplicate (everything it causes was done before). `Err` is the
+    /// batch's: nothing of it committed but the recorded emails and webhooks.
     pub(super) async fn process(
         &self,
-        subject: &str,
-        decoded: &Decoded,
-        redriven: bool,
-    ) -> Result<bool, Problem> {
-        if let Some(Trigger::UserCreated { user_id, email }) = &decoded.trigger {
-            self.store.remember_recipient(*user_id, email).await?;
+        items: &[Item<'_>],
+    ) -> Result<Vec<Result<bool, Problem>>, Problem> {
+        for item in items {
+            if let Some(Trigger::UserCreated { user_id, email }) = &item.decoded.trigger {
+                self.store.remember_recipient(*user_id, email).await?;
+            }
         }
-        let gated = decoded.order.filter(|_| !redriven);
-        let rendered = decoded.trigger.as_ref().map(|t| (t, t.render()));
-        let user = rendered.as_ref().map(|(_, message)| message.user_id);
+        let rendered: Vec<_> = items
+            .iter()
+            .map(|item| item.decoded.trigger.as_ref().map(|t| (t, t.render())))
+            .collect();
+        let wanted: Vec<store::Wanted> = items
+            .iter()
+            .zip(&rendered)
+            .map(|(item, rendered)| store::Wanted {
+                order_id: item.gated().map(|(order_id, _)| order_id),
+                event_id: item.decoded.event_id,
+                user_id: rendered.as_ref().map(|(_, message)| message.user_id),
+            })
+            .collect();
+        let orders: Vec<Uuid> = wanted.iter().filter_map(|w| w.order_id).collect();
         let mut tx = self.store.pool().begin().await?;
-        if let Some((order_id, _)) = gated {
-            store::lock_order(&mut tx, order_id).await?;
-        }
+        store::lock_orders(&mut tx, &orders).await?;
         let known = store::prepare(
             &mut tx,
-            gated.map(|(order_id, _)| order_id),
-            decoded.event_id,
-            user,
+            &wanted,
             self.webhooks.is_some(),
             self.mailer.is_some(),
         )
         .await?;
-        if let Some((order_id, version)) = gated {
-            if version <= known.last_version {
-                return Ok(true); // finished before: a redelivery
-            }
-            if version > known.last_version + 1 {
-                return Err(Problem::Waiting(format!(
-                    "event {} of order {order_id} is not finished yet",
-                    known.last_version + 1
-                )));
+        // Versions finished so far, this batch included.
+        let mut progress: HashMap<Uuid, i64> = HashMap::new();
+        for (item, known) in items.iter().zip(&known) {
+            if let Some((order_id, _)) = item.gated() {
+                progress.entry(order_id).or_insert(known.last_version);
             }
         }
-        let (log, sent, outcome) = match &rendered {
-            Some((trigger, message)) => {
-                self.deliver(subject, decoded, trigger, message, &known)
-                    .await?
+        let mut seen: HashMap<Uuid, bool> = HashMap::with_capacity(items.len());
+        let mut logs = Vec::new();
+        let mut finished = Vec::new();
+        let mut results = Vec::with_capacity(items.len());
+        for ((item, known), rendered) in items.iter().zip(&known).zip(&rendered) {
+            // The same message twice in one batch (redelivered while queued):
+            // the copy follows the first, so a failure is never acked.
+            if let Some(&succeeded) = seen.get(&item.decoded.event_id) {
+                results.push(if succeeded {
+                    Ok(true)
+                } else {
+                    Err(Problem::Waiting(
+                        "the same event is being retried".to_owned(),
+                    ))
+                });
+                continue;
             }
-            None => (None, 0, Ok(())),
-        };
-        let duplicate = sent == 0 && !known.delivered_channels.is_empty();
-        // The log record commits even when another channel failed (so the
-        // log line is not written twice); the version finishes only on success.
-        let finished = gated.filter(|_| outcome.is_ok());
-        store::finish(&mut tx, log.as_ref(), finished).await?;
+            if let Some((order_id, version)) = item.gated() {
+                let last = progress.get(&order_id).copied().unwrap_or_default();
+                if version <= last {
+                    results.push(Ok(true)); // finished before: a redelivery
+                    continue;
+                }
+                if version > last + 1 {
+                    results.push(Err(Problem::Waiting(format!(
+                        "event {} of order {order_id} is not finished yet",
+                        last + 1
+                    ))));
+                    continue;
+                }
+            }
+            let (log, sent, outcome) = match rendered {
+                Some((trigger, message)) => {
+                    tracing::Instrument::instrument(
+                        self.deliver(item.subject, item.decoded, trigger, message, known),
+                        item.span.clone(),
+                    )
+                    .await?
+                }
+                None => (None, 0, Ok(())),
+            };
+            let duplicate = sent == 0 && !known.delivered_channels.is_empty();
+            // The log record commits even when another channel failed (so
+            // the log line is not written twice); the version finishes only
+            // on success.
+            logs.extend(log);
+            if outcome.is_ok()
+                && let Some((order_id, version)) = item.gated()
+            {
+                progress.insert(order_id, version);
+                finished.push((order_id, version));
+            }
+            seen.insert(item.decoded.event_id, outcome.is_ok());
+            results.push(outcome.map(|()| duplicate));
+        }
+        store::finish(&mut tx, &logs, &finished).await?;
         tx.commit().await?;
-        outcome.map(|()| duplicate)
+        Ok(results)
     }
 
     /// Delivers on every channel not yet done. Returns the log channel's

@@ -62,8 +62,8 @@ impl Deliverer {
         .map_err(Problem::DeadLetter)?;
         if let Some((order_id, version)) = order {
             let mut tx = self.store.pool().begin().await?;
-            store::lock_order(&mut tx, order_id).await?;
-            store::finish_version(&mut tx, order_id, version).await?;
+            store::lock_orders(&mut tx, &[order_id]).await?;
+            store::finish(&mut tx, &[], &[(order_id, version)]).await?;
             tx.commit().await?;
         }
         tracing::error!(consumer, reason, attempts, last_error, subject = %message.subject, "message dead-lettered");

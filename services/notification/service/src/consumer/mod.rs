@@ -22,6 +22,12 @@ mod failures;
 
 pub use decode::{DecodeError, Decoded, SUBJECTS, decode};
 
+use deliver::Item;
+use failures::Problem;
+
+/// A message as a lane receives it, decoded once.
+pub type Received = (jetstream::Message, Result<Option<Decoded>, DecodeError>);
+
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
@@ -50,6 +56,8 @@ pub struct Deliverer {
     pub max_wait: Duration,
     /// Messages handled at once per consumer (see [`run`]).
     pub lanes: usize,
+    /// Most messages one lane handles in one transaction.
+    pub batch: usize,
     pub pause_before_ack: Duration,
     pub metrics: platform::metrics::Metrics,
 }
@@ -60,9 +68,9 @@ impl Deliverer {
         decode::SUBJECTS.contains(&subject)
     }
 
-    /// Handles one message: ack, NAK with delay, or dead-letter and terminate.
-    pub async fn handle(&self, consumer: &str, message: jetstream::Message) {
-        // Continue the trace the relay put in the message headers.
+    /// The span of one message, continuing the trace the relay put in its
+    /// headers.
+    fn span_of(consumer: &str, message: &jetstream::Message) -> tracing::Span {
         let span = tracing::info_span!(
             "notification.handle",
             otel.name = "notification handle",
@@ -76,67 +84,139 @@ impl Deliverer {
             .and_then(|h| h.get(messaging::headers::TRACEPARENT))
             .map(ToString::to_string);
         platform::trace::set_parent(&span, platform::trace::from_traceparent(parent.as_deref()));
-        tracing::Instrument::instrument(self.handle_traced(consumer, message), span).await;
+        span
     }
 
-    async fn handle_traced(&self, consumer: &str, message: jetstream::Message) {
-        let subject = message.subject.as_str().to_owned();
-        let attempts = message.info().map_or(1, |i| i.delivered);
-        let redriven = message
-            .headers
-            .as_ref()
-            .is_some_and(|h| h.get(dlq::headers::REDRIVEN_FROM).is_some());
-        let mut duplicate = false;
-        let outcome = match decode(&subject, &message.payload) {
-            Ok(None) => AckKind::Ack,
-            Err(error) => {
-                match self
-                    .dead_letter(
-                        &message,
+    /// Handles a batch of one lane's messages, in their order: each is
+    /// acked, NAKed with a delay, or dead-lettered and terminated. The
+    /// decodable ones are processed in one transaction ([`Self::process`]).
+    pub async fn handle(&self, consumer: &str, received: Vec<Received>) {
+        let (messages, decodes): (Vec<_>, Vec<_>) = received.into_iter().unzip();
+        self.metrics.consumer_batch(consumer, messages.len());
+        let spans: Vec<tracing::Span> = messages
+            .iter()
+            .map(|message| Self::span_of(consumer, message))
+            .collect();
+        let mut outcomes: Vec<Option<AckKind>> = vec![None; messages.len()];
+        let mut decoded = Vec::with_capacity(messages.len());
+        for (index, (message, decoded_now)) in messages.iter().zip(decodes).enumerate() {
+            match decoded_now {
+                Ok(None) => outcomes[index] = Some(AckKind::Ack),
+                Ok(Some(event)) => decoded.push((index, event)),
+                Err(error) => {
+                    let error = error.to_string();
+                    let dead = self.dead_letter(
+                        message,
                         consumer,
                         "undecodable",
-                        attempts,
-                        &error.to_string(),
+                        attempts_of(message),
+                        &error,
                         None,
-                    )
-                    .await
-                {
-                    Ok(()) => AckKind::Term,
-                    Err(problem) => {
-                        tracing::warn!(error = %problem, "cannot dead-letter; will retry");
-                        AckKind::Nak(Some(self.backoff.delay(0)))
-                    }
+                    );
+                    outcomes[index] = Some(
+                        match tracing::Instrument::instrument(dead, spans[index].clone()).await {
+                            Ok(()) => AckKind::Term,
+                            Err(problem) => {
+                                tracing::warn!(error = %problem, "cannot dead-letter; will retry");
+                                AckKind::Nak(Some(self.backoff.delay(0)))
+                            }
+                        },
+                    );
                 }
             }
-            Ok(Some(decoded)) => match self.process(&subject, &decoded, redriven).await {
-                Ok(was_duplicate) => {
-                    duplicate = was_duplicate;
-                    if attempts > 1
-                        && let Err(error) =
-                            self.store.forget_failures(consumer, decoded.event_id).await
-                    {
-                        tracing::debug!(%error, "failure count left behind");
-                    }
-                    if !self.pause_before_ack.is_zero() {
-                        tokio::time::sleep(self.pause_before_ack).await;
-                    }
-                    AckKind::Ack
+        }
+        let items: Vec<Item<'_>> = decoded
+            .iter()
+            .map(|(index, event)| {
+                let message = &messages[*index];
+                Item {
+                    subject: message.subject.as_str(),
+                    decoded: event,
+                    redriven: message
+                        .headers
+                        .as_ref()
+                        .is_some_and(|h| h.get(dlq::headers::REDRIVEN_FROM).is_some()),
+                    span: &spans[*index],
                 }
-                Err(problem) => {
-                    self.retry_or_give_up(consumer, &message, &decoded, attempts, &problem)
-                        .await
+            })
+            .collect();
+        let batch = tracing::info_span!("notification.batch", consumer, size = items.len());
+        let results = tracing::Instrument::instrument(self.process(&items), batch).await;
+        let mut duplicates = vec![false; messages.len()];
+        for (position, (index, event)) in decoded.iter().enumerate() {
+            let message = &messages[*index];
+            let result = match &results {
+                Ok(each) => each[position].as_ref().map(|duplicate| *duplicate),
+                Err(problem) => Err(problem),
+            };
+            let settle = self.settle(consumer, message, event, result);
+            let (outcome, duplicate) =
+                tracing::Instrument::instrument(settle, spans[*index].clone()).await;
+            outcomes[*index] = Some(outcome);
+            duplicates[*index] = duplicate;
+        }
+        // A test's window between the work and its acks (a crash in it
+        // must cause redeliveries that are recognised as duplicates).
+        if !self.pause_before_ack.is_zero() && !decoded.is_empty() {
+            tokio::time::sleep(self.pause_before_ack).await;
+        }
+        for ((message, outcome), (span, duplicate)) in messages
+            .into_iter()
+            .zip(outcomes)
+            .zip(spans.into_iter().zip(duplicates))
+        {
+            let outcome = outcome.unwrap_or(AckKind::Nak(None));
+            let ack = self.acknowledge(consumer, message, outcome, duplicate);
+            tracing::Instrument::instrument(ack, span).await;
+        }
+    }
+
+    /// What a processed message becomes: its ack, and whether it was a
+    /// duplicate.
+    async fn settle(
+        &self,
+        consumer: &str,
+        message: &jetstream::Message,
+        decoded: &Decoded,
+        result: Result<bool, &Problem>,
+    ) -> (AckKind, bool) {
+        let attempts = attempts_of(message);
+        match result {
+            Ok(duplicate) => {
+                if attempts > 1
+                    && let Err(error) = self.store.forget_failures(consumer, decoded.event_id).await
+                {
+                    tracing::debug!(%error, "failure count left behind");
                 }
-            },
-        };
+                (AckKind::Ack, duplicate)
+            }
+            Err(problem) => (
+                self.retry_or_give_up(consumer, message, decoded, attempts, problem)
+                    .await,
+                false,
+            ),
+        }
+    }
+
+    /// Counts the outcome and acks, NAKs or terminates the message.
+    async fn acknowledge(
+        &self,
+        consumer: &str,
+        message: jetstream::Message,
+        outcome: AckKind,
+        duplicate: bool,
+    ) {
+        let subject = message.subject.as_str();
         let counted = match &outcome {
-            AckKind::Ack if !self.store_known(&subject) => "ignored",
+            AckKind::Ack if !self.store_known(subject) => "ignored",
             // Redelivered (a crash before the ack, a republish): done before.
             AckKind::Ack if duplicate => "duplicate",
             AckKind::Ack => "delivered",
             AckKind::Term => "dead_lettered",
             _ => "retried",
         };
-        self.metrics.event_consumed(&subject, counted);
+        self.metrics.event_consumed(subject, counted);
+        let attempts = attempts_of(&message);
         if attempts > 1 {
             self.metrics.consumer_redelivery(consumer);
         }
@@ -146,16 +226,21 @@ impl Deliverer {
     }
 }
 
+/// How many times the server has delivered `message` (1: the first time).
+fn attempts_of(message: &jetstream::Message) -> i64 {
+    message.info().map_or(1, |i| i.delivered)
+}
+
 /// The lane of a message: by order, so one order's messages are handled one
 /// at a time and in stream order, while different orders go in parallel.
-fn lane_of(subject: &str, payload: &[u8], lanes: usize) -> usize {
+fn lane_of(decoded: &Result<Option<Decoded>, DecodeError>, lanes: usize) -> usize {
     use std::hash::{Hash as _, Hasher as _};
-    let key = match decode(subject, payload) {
+    let key = match decoded {
         Ok(Some(Decoded {
             order: Some((order, _)),
             ..
         })) => order,
-        Ok(Some(decoded)) => decoded.event_id,
+        Ok(Some(decoded)) => &decoded.event_id,
         _ => return 0,
     };
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -166,22 +251,27 @@ fn lane_of(subject: &str, payload: &[u8], lanes: usize) -> usize {
 /// Consumes one durable consumer until `shutdown`, resubscribing after
 /// connection trouble. Messages are handled in `deliverer.lanes` lanes at
 /// once, each order always in the same lane: in order per order (ADR 9),
-/// in parallel across orders. A full lane holds back the pull (bounded
-/// memory); on shutdown each lane finishes the message it holds.
+/// in parallel across orders; each lane takes what has queued in it as one
+/// batch (at most `deliverer.batch`). A full lane holds back the pull
+/// (bounded memory); on shutdown each lane finishes the batch it holds.
 pub async fn run(consumer: PullConsumer, deliverer: Deliverer, shutdown: CancellationToken) {
     let name = consumer.cached_info().name.clone();
     let lanes = deliverer.lanes.max(1);
+    let batch = deliverer.batch.max(1);
     let mut senders = Vec::with_capacity(lanes);
     let mut workers = Vec::with_capacity(lanes);
     for _ in 0..lanes {
-        let (sender, mut receiver) = tokio::sync::mpsc::channel::<jetstream::Message>(32);
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Received>(batch);
         let (deliverer, name, shutdown) = (deliverer.clone(), name.clone(), shutdown.clone());
         workers.push(tokio::spawn(async move {
-            while let Some(message) = receiver.recv().await {
+            let mut messages = Vec::with_capacity(batch);
+            // Whatever has queued up while the last batch was handled is the
+            // next batch: one message when idle, up to `batch` under load.
+            while receiver.recv_many(&mut messages, batch).await > 0 {
                 if shutdown.is_cancelled() {
                     break;
                 }
-                deliverer.handle(&name, message).await;
+                deliverer.handle(&name, std::mem::take(&mut messages)).await;
             }
         }));
         senders.push(sender);
@@ -195,10 +285,11 @@ pub async fn run(consumer: PullConsumer, deliverer: Deliverer, shutdown: Cancell
                 };
                 match next {
                     Some(Ok(message)) => {
-                        let lane = lane_of(message.subject.as_str(), &message.payload, lanes);
+                        let decoded = decode(message.subject.as_str(), &message.payload);
+                        let lane = lane_of(&decoded, lanes);
                         tokio::select! {
                             () = shutdown.cancelled() => break 'outer,
-                            sent = senders[lane].send(message) => {
+                            sent = senders[lane].send((message, decoded)) => {
                                 if sent.is_err() {
                                     break 'outer;
                                 }

@@ -1,6 +1,6 @@
-//! The per-order ordering gate (ADR 9): under the order's advisory lock,
-//! what handling one event needs in one read, and the finished version
-//! written with the event's log record.
+//! The per-order ordering gate (ADR 9): under the orders' advisory locks,
+//! what handling a batch of events needs in one read, and the finished
+//! versions written with the events' log records in one statement.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row as _};
@@ -8,22 +8,38 @@ use uuid::Uuid;
 
 use super::{Delivered, Webhook};
 
-/// Takes the order's transaction-scoped advisory lock: one order's events
-/// are handled one at a time across replicas.
+/// Takes the transaction-scoped advisory lock of every order in `orders`:
+/// one order's events are handled one at a time across replicas. The locks
+/// are taken in one global order (by key), so two batches never deadlock.
 ///
 /// # Errors
 ///
 /// Fails when Postgres is unreachable.
-pub async fn lock_order(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-        .bind(order_id)
-        .execute(&mut *conn)
-        .await?;
+pub async fn lock_orders(conn: &mut PgConnection, orders: &[Uuid]) -> Result<(), sqlx::Error> {
+    if orders.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(k) FROM ( \
+           SELECT DISTINCT hashtextextended(o::text, 0) AS k FROM unnest($1::uuid[]) AS o ORDER BY k \
+         ) AS keys",
+    )
+    .bind(orders)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
-/// What handling one event needs to know, read in one statement (after the
-/// order's lock, so it sees everything the previous holder committed).
+/// One event to prepare: its order (when gated), its id, its user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub order_id: Option<Uuid>,
+    pub event_id: Uuid,
+    pub user_id: Option<Uuid>,
+}
+
+/// What handling one event needs to know (read after its order's lock, so
+/// it sees everything the previous holder committed).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Known {
     /// The order's last finished version (0: none).
@@ -36,51 +52,62 @@ pub struct Known {
     pub recipient: Option<String>,
 }
 
-/// Reads [`Known`] in one round trip.
+/// Reads [`Known`] for every event of `wanted`, in its order, in one round
+/// trip; webhooks and recipients only when asked for.
 ///
 /// # Errors
 ///
 /// When Postgres fails.
 pub async fn prepare(
     conn: &mut PgConnection,
-    order_id: Option<Uuid>,
-    event_id: Uuid,
-    user_id: Option<Uuid>,
+    wanted: &[Wanted],
     webhooks: bool,
     recipient: bool,
-) -> Result<Known, sqlx::Error> {
-    let row = sqlx::query(
+) -> Result<Vec<Known>, sqlx::Error> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let orders: Vec<Option<Uuid>> = wanted.iter().map(|w| w.order_id).collect();
+    let events: Vec<Uuid> = wanted.iter().map(|w| w.event_id).collect();
+    let users: Vec<Option<Uuid>> = wanted.iter().map(|w| w.user_id).collect();
+    let rows = sqlx::query(
         "SELECT \
-           COALESCE((SELECT last_version FROM order_progress WHERE order_id = $1), 0) AS last_version, \
-           ARRAY(SELECT channel FROM notifications WHERE event_id = $2) AS channels, \
-           CASE WHEN $4 THEN (SELECT COALESCE(json_agg(json_build_object( \
+           COALESCE((SELECT last_version FROM order_progress p WHERE p.order_id = i.order_id), 0) AS last_version, \
+           ARRAY(SELECT channel FROM notifications n WHERE n.event_id = i.event_id) AS channels, \
+           CASE WHEN $4 AND i.user_id IS NOT NULL THEN (SELECT COALESCE(json_agg(json_build_object( \
                'id', w.id, 'user_id', w.user_id, 'url', w.url, 'secret', w.secret, 'created_at', w.created_at) \
                ORDER BY w.id), '[]') \
-             FROM webhooks w WHERE w.user_id = $3 AND w.deleted_at IS NULL) END AS webhooks, \
-           CASE WHEN $5 THEN (SELECT email FROM recipients WHERE user_id = $3) END AS recipient",
+             FROM webhooks w WHERE w.user_id = i.user_id AND w.deleted_at IS NULL) END AS webhooks, \
+           CASE WHEN $5 AND i.user_id IS NOT NULL THEN (SELECT email FROM recipients r WHERE r.user_id = i.user_id) END AS recipient \
+         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) WITH ORDINALITY AS i(order_id, event_id, user_id, position) \
+         ORDER BY i.position",
     )
-    .bind(order_id)
-    .bind(event_id)
-    .bind(user_id)
-    .bind(webhooks && user_id.is_some())
-    .bind(recipient && user_id.is_some())
-    .fetch_one(&mut *conn)
+    .bind(&orders)
+    .bind(&events)
+    .bind(&users)
+    .bind(webhooks)
+    .bind(recipient)
+    .fetch_all(&mut *conn)
     .await?;
-    let hooks: Option<serde_json::Value> = row.try_get("webhooks")?;
-    let hooks = match hooks {
-        Some(value) => serde_json::from_value::<Vec<WebhookRow>>(value)
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
-            .into_iter()
-            .map(Webhook::from)
-            .collect(),
-        None => Vec::new(),
-    };
-    Ok(Known {
-        last_version: row.try_get("last_version")?,
-        delivered_channels: row.try_get("channels")?,
-        webhooks: hooks,
-        recipient: row.try_get("recipient")?,
-    })
+    rows.iter()
+        .map(|row| {
+            let hooks: Option<serde_json::Value> = row.try_get("webhooks")?;
+            let hooks = match hooks {
+                Some(value) => serde_json::from_value::<Vec<WebhookRow>>(value)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
+                    .into_iter()
+                    .map(Webhook::from)
+                    .collect(),
+                None => Vec::new(),
+            };
+            Ok(Known {
+                last_version: row.try_get("last_version")?,
+                delivered_channels: row.try_get("channels")?,
+                webhooks: hooks,
+                recipient: row.try_get("recipient")?,
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -104,54 +131,54 @@ impl From<WebhookRow> for Webhook {
     }
 }
 
-/// Records the log channel's delivery (if any) and the order's finished
-/// version (if any), in one statement.
+/// Records the log channel's deliveries and the orders' finished versions
+/// (the highest per order wins), in one statement.
 ///
 /// # Errors
 ///
 /// When Postgres fails.
 pub async fn finish(
     conn: &mut PgConnection,
-    log: Option<&Delivered>,
-    finished: Option<(Uuid, i64)>,
+    logs: &[Delivered],
+    finished: &[(Uuid, i64)],
 ) -> Result<(), sqlx::Error> {
-    if log.is_none() && finished.is_none() {
+    if logs.is_empty() && finished.is_empty() {
         return Ok(());
     }
+    let ids: Vec<Uuid> = logs.iter().map(|_| Uuid::now_v7()).collect();
+    let users: Vec<Uuid> = logs.iter().map(|d| d.user_id).collect();
+    let events: Vec<Uuid> = logs.iter().map(|d| d.event_id).collect();
+    let types: Vec<&str> = logs.iter().map(|d| d.event_type.as_str()).collect();
+    let channels: Vec<&str> = logs.iter().map(|d| d.channel.as_str()).collect();
+    let targets: Vec<Option<&str>> = logs.iter().map(|d| d.target.as_deref()).collect();
+    let subjects: Vec<&str> = logs.iter().map(|d| d.subject.as_str()).collect();
+    let bodies: Vec<&str> = logs.iter().map(|d| d.body.as_str()).collect();
+    let occurred: Vec<DateTime<Utc>> = logs.iter().map(|d| d.occurred_at).collect();
+    let orders: Vec<Uuid> = finished.iter().map(|(order, _)| *order).collect();
+    let versions: Vec<i64> = finished.iter().map(|(_, version)| *version).collect();
     sqlx::query(
         "WITH rec AS ( \
            INSERT INTO notifications (id, user_id, event_id, event_type, channel, target, subject, body, occurred_at) \
-           SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $5::text IS NOT NULL \
+           SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
+                                $7::text[], $8::text[], $9::timestamptz[]) \
            ON CONFLICT ON CONSTRAINT notifications_event_channel_key DO NOTHING \
          ) \
-         INSERT INTO order_progress (order_id, last_version) SELECT $10, $11 WHERE $10::uuid IS NOT NULL \
+         INSERT INTO order_progress (order_id, last_version) \
+         SELECT o, max(v) FROM unnest($10::uuid[], $11::int8[]) AS f(o, v) GROUP BY o \
          ON CONFLICT (order_id) DO UPDATE SET last_version = GREATEST(order_progress.last_version, EXCLUDED.last_version)",
     )
-    .bind(Uuid::now_v7())
-    .bind(log.map(|d| d.user_id))
-    .bind(log.map(|d| d.event_id))
-    .bind(log.map(|d| d.event_type.as_str()))
-    .bind(log.map(|d| d.channel.as_str()))
-    .bind(log.and_then(|d| d.target.as_deref()))
-    .bind(log.map(|d| d.subject.as_str()))
-    .bind(log.map(|d| d.body.as_str()))
-    .bind(log.map(|d| d.occurred_at))
-    .bind(finished.map(|(order_id, _)| order_id))
-    .bind(finished.map(|(_, version)| version))
+    .bind(&ids)
+    .bind(&users)
+    .bind(&events)
+    .bind(&types)
+    .bind(&channels)
+    .bind(&targets)
+    .bind(&subjects)
+    .bind(&bodies)
+    .bind(&occurred)
+    .bind(&orders)
+    .bind(&versions)
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// Marks `version` of the order finished (the dead-letter path).
-///
-/// # Errors
-///
-/// When Postgres fails.
-pub async fn finish_version(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-    version: i64,
-) -> Result<(), sqlx::Error> {
-    finish(conn, None, Some((order_id, version))).await
 }

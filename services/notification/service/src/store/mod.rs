@@ -5,7 +5,7 @@
 
 mod gate;
 
-pub use gate::{Known, finish, finish_version, lock_order, prepare};
+pub use gate::{Known, Wanted, finish, lock_orders, prepare};
 
 use chrono::{DateTime, Utc};
 use platform::db::StorageError;
