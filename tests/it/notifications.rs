@@ -827,3 +827,55 @@ async fn a_backlog_is_handled_in_batches_once_per_event_and_in_order_per_order()
     stack.stop().await;
     Ok(())
 }
+
+/// Announcements carry the whole record (watchers read nothing back); one
+/// too large for a NOTIFY payload is announced by id and read back, so it
+/// still reaches its watcher whole.
+#[tokio::test]
+async fn a_notification_too_large_to_announce_still_reaches_its_watcher_whole() -> anyhow::Result<()>
+{
+    let stack = TestStack::start().await?;
+    let (user_id, token) = stack.signed_up_user().await?;
+    let mut watch = stack
+        .notifications()
+        .await?
+        .watch_notifications(bearer(&token, WatchNotificationsRequest {}))
+        .await?
+        .into_inner();
+    let db = sqlx::PgPool::connect(&stack.notification_db.url).await?;
+    let insert = |event_type: &'static str, body: String| {
+        sqlx::query(
+            "INSERT INTO notifications (id, user_id, event_id, event_type, channel, subject, body, occurred_at) \
+             VALUES ($1, $2::uuid, $3, $4, 'log', 'subject', $5, now())",
+        )
+        .bind(uuid::Uuid::now_v7())
+        .bind(user_id.clone())
+        .bind(uuid::Uuid::now_v7())
+        .bind(event_type)
+        .bind(body)
+        .execute(&db)
+    };
+    let large = "x".repeat(20_000);
+    insert("test.small", "small".to_owned()).await?;
+    insert("test.large", large.clone()).await?;
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(item) = watch.next().await {
+            let notification = item?.notification.expect("notification");
+            if notification.event_type.starts_with("test.") {
+                seen.push(notification);
+            }
+            if seen.len() == 2 {
+                return anyhow::Ok(());
+            }
+        }
+        anyhow::bail!("the stream ended")
+    })
+    .await??;
+    assert_eq!(seen[0].event_type, "test.small");
+    assert_eq!(seen[0].body, "small");
+    assert_eq!(seen[1].event_type, "test.large");
+    assert_eq!(seen[1].body, large, "read back whole");
+    stack.stop().await;
+    Ok(())
+}

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::{
     store::{NotificationRecord, NotificationStore, Webhook},
-    watch::Hub,
+    watch::{Hub, Recorded},
 };
 
 /// Handlers of `NotificationService`.
@@ -169,7 +169,7 @@ impl NotificationService for NotificationApi {
             let _slot = slot;
             tokio::pin!(expiry);
             loop {
-                let (user, id) = tokio::select! {
+                let recorded = tokio::select! {
                     () = sender.closed() => return,
                     () = shutdown.cancelled() => return,
                     () = &mut expiry => {
@@ -188,15 +188,20 @@ impl NotificationService for NotificationApi {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
                 };
-                if user != caller.user_id {
+                if recorded.user_id() != caller.user_id {
                     continue;
                 }
-                let item = match store.get(id).await {
-                    Ok(Some(n)) => Ok(pb::WatchNotificationsResponse {
+                let item = match recorded {
+                    Recorded::Whole(n) => Ok(pb::WatchNotificationsResponse {
                         notification: Some(to_proto(&n)),
                     }),
-                    Ok(None) => continue,
-                    Err(e) => Err(e.into()),
+                    Recorded::ById { id, .. } => match store.get(id).await {
+                        Ok(Some(n)) => Ok(pb::WatchNotificationsResponse {
+                            notification: Some(to_proto(&n)),
+                        }),
+                        Ok(None) => continue,
+                        Err(e) => Err(e.into()),
+                    },
                 };
                 if sender.send(item).await.is_err() {
                     return;
