@@ -879,3 +879,54 @@ async fn a_notification_too_large_to_announce_still_reaches_its_watcher_whole() 
     stack.stop().await;
     Ok(())
 }
+
+/// With fewer lanes than orders, a batch delivers different orders' webhooks
+/// concurrently: a slow endpoint does not make them queue one behind the
+/// other (each order's own events still go one at a time, in order).
+#[tokio::test]
+async fn a_batch_calls_slow_endpoints_for_different_orders_concurrently() -> anyhow::Result<()> {
+    let receiver = WebhookReceiver::start().await?;
+    receiver.set_delay(Duration::from_millis(300));
+    let stack = TestStack::start_configured(
+        |_| {},
+        |n| {
+            n.consumer_lanes = 1;
+        },
+    )
+    .await?;
+    let (user_id, token) = stack.signed_up_user().await?;
+    register(&mut stack.notifications().await?, &token, &receiver.url()).await?;
+    let orders: Vec<uuid::Uuid> = (0..8).map(|_| uuid::Uuid::now_v7()).collect();
+    let mut messages = Vec::new();
+    for order_id in &orders {
+        messages.push(crafted(&user_id, *order_id, "order.created.v2.json", 1)?);
+        messages.push(crafted(&user_id, *order_id, "order.paid.v1.json", 2)?);
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
+    messaging::publish_all(&js, &messages).await?;
+    let accepted = eventually("every webhook", Duration::from_secs(30), || async {
+        let hits = order_hits(&receiver.accepted());
+        (hits.len() >= messages.len()).then_some(hits)
+    })
+    .await?;
+    assert_eq!(accepted.len(), messages.len(), "each event once");
+    for order_id in &orders {
+        let sequence: Vec<_> = accepted
+            .iter()
+            .filter(|h| h.body.contains(&order_id.to_string()))
+            .map(event_type)
+            .collect();
+        assert_eq!(
+            sequence,
+            ["order.created", "order.paid"],
+            "order {order_id}"
+        );
+    }
+    assert!(
+        receiver.max_in_flight() >= 4,
+        "different orders' webhooks went out together (at most {} at once)",
+        receiver.max_in_flight()
+    );
+    stack.stop().await;
+    Ok(())
+}

@@ -1,12 +1,13 @@
 //! A real HTTP server that receives webhook deliveries, for tests. It can
-//! be told to fail, and keeps every request with its arrival time.
+//! be told to fail or to answer slowly, and keeps every request with its
+//! arrival time and the most it held at once.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -28,6 +29,10 @@ struct Shared {
     hits: Mutex<Vec<Hit>>,
     fail_next: AtomicUsize,
     failing: AtomicBool,
+    /// Milliseconds to wait before answering.
+    delay_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 /// The receiver; stops on drop.
@@ -43,6 +48,13 @@ async fn receive(
     headers: HeaderMap,
     body: String,
 ) -> StatusCode {
+    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let delay = shared.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     let fail = shared.failing.load(Ordering::SeqCst)
         || shared
             .fail_next
@@ -105,6 +117,18 @@ impl WebhookReceiver {
     /// Answers 503 to the next `n` requests.
     pub fn fail_next(&self, n: usize) {
         self.shared.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Answers every request only after `delay`.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.shared.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// The most requests it was answering at once.
+    #[must_use]
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Every request so far.

@@ -24,6 +24,40 @@ pub(super) struct Item<'a> {
     pub(super) span: &'a tracing::Span,
 }
 
+/// An item with what was read for it and what it renders to.
+struct Prepared<'i, 'a> {
+    item: &'i Item<'a>,
+    known: &'i store::Known,
+    rendered: Option<(&'i Trigger, &'i notification_domain::Message)>,
+}
+
+/// What handling one item came to.
+struct Handled {
+    result: Result<bool, Problem>,
+    /// The log channel's record, written with the batch.
+    log: Option<Delivered>,
+    /// The order's version this item finished.
+    finished: Option<(Uuid, i64)>,
+}
+
+impl Handled {
+    fn duplicate() -> Self {
+        Self {
+            result: Ok(true),
+            log: None,
+            finished: None,
+        }
+    }
+
+    fn waiting(why: &str) -> Self {
+        Self {
+            result: Err(Problem::Waiting(why.to_owned())),
+            log: None,
+            finished: None,
+        }
+    }
+}
+
 impl Item<'_> {
     /// The order and version the gate checks, if any.
     fn gated(&self) -> Option<(Uuid, i64)> {
@@ -39,10 +73,12 @@ impl Deliverer {
     /// (ADR 11). An email or webhook success is recorded at once on its own,
     /// so a later failure never makes it go out twice.
     ///
-    /// Items are handled in their order; an order's later event in the same
-    /// batch sees the earlier one finished. Per item, `Ok(true)` is a
-    /// duplicate (everything it causes was done before). `Err` is the
-    /// batch's: nothing of it committed but the recorded emails and webhooks.
+    /// Each order's items are handled in their order (a later event in the
+    /// same batch sees the earlier one finished); different orders' items
+    /// are delivered concurrently, so slow endpoints do not queue behind
+    /// one another. Per item, `Ok(true)` is a duplicate (everything it
+    /// causes was done before). `Err` is the batch's: nothing of it
+    /// committed but the recorded emails and webhooks.
     pub(super) async fn process(
         &self,
         items: &[Item<'_>],
@@ -75,41 +111,103 @@ impl Deliverer {
             self.mailer.is_some(),
         )
         .await?;
-        // Versions finished so far, this batch included.
-        let mut progress: HashMap<Uuid, i64> = HashMap::new();
-        for (item, known) in items.iter().zip(&known) {
-            if let Some((order_id, _)) = item.gated() {
-                progress.entry(order_id).or_insert(known.last_version);
+        let batch: Vec<Prepared<'_, '_>> = items
+            .iter()
+            .zip(&known)
+            .zip(&rendered)
+            .map(|((item, known), rendered)| Prepared {
+                item,
+                known,
+                rendered: rendered
+                    .as_ref()
+                    .map(|(trigger, message)| (*trigger, message)),
+            })
+            .collect();
+        // One group per order (per event for ungated items), in batch order.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut group_of: HashMap<Uuid, usize> = HashMap::new();
+        for (index, item) in items.iter().enumerate() {
+            let key = item
+                .gated()
+                .map_or(item.decoded.event_id, |(order_id, _)| order_id);
+            let group = *group_of.entry(key).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[group].push(index);
+        }
+        let handled = futures::future::join_all(
+            groups
+                .iter()
+                .map(|indices| self.process_group(&batch, indices)),
+        )
+        .await;
+        let mut each: Vec<Option<Handled>> = (0..items.len()).map(|_| None).collect();
+        for group in handled {
+            for (index, result) in group? {
+                each[index] = Some(result);
             }
         }
-        let mut seen: HashMap<Uuid, bool> = HashMap::with_capacity(items.len());
+        // Log records in batch order: one order's notifications are
+        // numbered in event order.
         let mut logs = Vec::new();
         let mut finished = Vec::new();
         let mut results = Vec::with_capacity(items.len());
-        for ((item, known), rendered) in items.iter().zip(&known).zip(&rendered) {
-            // The same message twice in one batch (redelivered while queued):
-            // the copy follows the first, so a failure is never acked.
+        for handled in each {
+            let Handled {
+                result,
+                log,
+                finished: done,
+            } = handled.unwrap_or_else(|| Handled::waiting("not handled"));
+            logs.extend(log);
+            finished.extend(done);
+            results.push(result);
+        }
+        store::finish(&mut tx, &logs, &finished).await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// Handles one order's items of a batch, in their order.
+    async fn process_group(
+        &self,
+        batch: &[Prepared<'_, '_>],
+        indices: &[usize],
+    ) -> Result<Vec<(usize, Handled)>, Problem> {
+        // The order's last finished version, this batch included.
+        let mut last = indices
+            .first()
+            .map_or(0, |first| batch[*first].known.last_version);
+        // Copies of one message (redelivered while queued) share a group.
+        let mut seen: HashMap<Uuid, bool> = HashMap::new();
+        let mut handled = Vec::with_capacity(indices.len());
+        for &index in indices {
+            let Prepared {
+                item,
+                known,
+                rendered,
+            } = &batch[index];
+            // A copy follows the first, so a failure is never acked.
             if let Some(&succeeded) = seen.get(&item.decoded.event_id) {
-                results.push(if succeeded {
-                    Ok(true)
-                } else {
-                    Err(Problem::Waiting(
-                        "the same event is being retried".to_owned(),
-                    ))
-                });
+                handled.push((
+                    index,
+                    if succeeded {
+                        Handled::duplicate()
+                    } else {
+                        Handled::waiting("the same event is being retried")
+                    },
+                ));
                 continue;
             }
             if let Some((order_id, version)) = item.gated() {
-                let last = progress.get(&order_id).copied().unwrap_or_default();
                 if version <= last {
-                    results.push(Ok(true)); // finished before: a redelivery
+                    handled.push((index, Handled::duplicate())); // a redelivery
                     continue;
                 }
                 if version > last + 1 {
-                    results.push(Err(Problem::Waiting(format!(
-                        "event {} of order {order_id} is not finished yet",
-                        last + 1
-                    ))));
+                    let wait =
+                        format!("event {} of order {order_id} is not finished yet", last + 1);
+                    handled.push((index, Handled::waiting(&wait)));
                     continue;
                 }
             }
@@ -127,19 +225,21 @@ impl Deliverer {
             // The log record commits even when another channel failed (so
             // the log line is not written twice); the version finishes only
             // on success.
-            logs.extend(log);
-            if outcome.is_ok()
-                && let Some((order_id, version)) = item.gated()
-            {
-                progress.insert(order_id, version);
-                finished.push((order_id, version));
+            let finished = item.gated().filter(|_| outcome.is_ok());
+            if let Some((_, version)) = finished {
+                last = version;
             }
             seen.insert(item.decoded.event_id, outcome.is_ok());
-            results.push(outcome.map(|()| duplicate));
+            handled.push((
+                index,
+                Handled {
+                    result: outcome.map(|()| duplicate),
+                    log,
+                    finished,
+                },
+            ));
         }
-        store::finish(&mut tx, &logs, &finished).await?;
-        tx.commit().await?;
-        Ok(results)
+        Ok(handled)
     }
 
     /// Delivers on every channel not yet done. Returns the log channel's
