@@ -132,7 +132,7 @@ impl Default for Settings {
             ack_wait_secs: 30,
             max_deliver: 8,
             max_wait_secs: 600,
-            consumer_lanes: 16,
+            consumer_lanes: 4,
             consumer_batch: 64,
             limits: UserLimits::default(),
             retry_base_ms: 500,
