@@ -127,27 +127,7 @@ async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> 
         key: None,
     };
     let created = with_snapshots
-        .create(
-            &envelope,
-            order_domain::OrderCommand::Create {
-                order_id,
-                user_id: user,
-                currency: order_domain::Currency::parse("EUR")?,
-                lines: vec![order_domain::OrderLine {
-                    sku: order_domain::Sku::parse("A")?,
-                    quantity: order_domain::Quantity::new(2)?,
-                    unit_price: order_domain::UnitPrice::new(700)?,
-                }],
-                shipping_address: order_domain::ShippingAddress {
-                    name: order_domain::AddressLine::parse("Ada")?,
-                    line1: order_domain::AddressLine::parse("1 Main St")?,
-                    line2: None,
-                    city: order_domain::AddressLine::parse("Berlin")?,
-                    postal_code: order_domain::AddressLine::parse("10115")?,
-                    country: order_domain::CountryCode::parse("DE")?,
-                },
-            },
-        )
+        .create(&envelope, create_command(order_id, user)?)
         .await?;
     assert_eq!(created.order.id, Some(order_id));
     let mut last = created;
@@ -195,5 +175,138 @@ async fn snapshots_give_the_same_state_as_a_full_replay() -> anyhow::Result<()> 
         .await
         .expect_err("a delivered order cannot be delivered again");
     assert!(refused.to_string().contains("delivered"), "{refused}");
+    Ok(())
+}
+
+/// A valid `Create` of `order_id` for `user`.
+fn create_command(
+    order_id: uuid::Uuid,
+    user: uuid::Uuid,
+) -> anyhow::Result<order_domain::OrderCommand> {
+    Ok(order_domain::OrderCommand::Create {
+        order_id,
+        user_id: user,
+        currency: order_domain::Currency::parse("EUR")?,
+        lines: vec![order_domain::OrderLine {
+            sku: order_domain::Sku::parse("A")?,
+            quantity: order_domain::Quantity::new(2)?,
+            unit_price: order_domain::UnitPrice::new(700)?,
+        }],
+        shipping_address: order_domain::ShippingAddress {
+            name: order_domain::AddressLine::parse("Ada")?,
+            line1: order_domain::AddressLine::parse("1 Main St")?,
+            line2: None,
+            city: order_domain::AddressLine::parse("Berlin")?,
+            postal_code: order_domain::AddressLine::parse("10115")?,
+            country: order_domain::CountryCode::parse("DE")?,
+        },
+    })
+}
+
+/// Two replicas, each with its aggregate cache, over one store: a replica
+/// whose cached order another replica has changed since decides on the
+/// stored order, not on its cache; a retried key still gets the original
+/// answer; the stream holds exactly the events that were accepted.
+#[tokio::test]
+async fn a_replica_with_a_stale_cache_decides_on_the_stored_order() -> anyhow::Result<()> {
+    testkit::init_logging();
+    let db = TestDb::create("stale_cache").await?;
+    let pool = db.pool()?;
+    platform::db::migrate(&pool, vec![es_postgres::migrator()], Duration::from_secs(5)).await?;
+    let store = EventStore::new(pool.clone());
+    let (a, b) = (
+        OrderCommands::new(store.clone(), 50).with_cache(100),
+        OrderCommands::new(store.clone(), 50).with_cache(100),
+    );
+    let user = uuid::Uuid::now_v7();
+    let context = EventContext::new(user.to_string());
+    let order_id = uuid::Uuid::now_v7();
+    let envelope = |expected_version, key| Envelope {
+        order_id,
+        owner: user,
+        expected_version,
+        context: &context,
+        key,
+    };
+    let pay = |reference: &str| -> anyhow::Result<order_domain::OrderCommand> {
+        Ok(order_domain::OrderCommand::Pay {
+            payment_reference: order_domain::PaymentReference::parse(reference)?,
+            amount: order_domain::Amount::new(1400)?,
+        })
+    };
+    let ship = order_domain::OrderCommand::Ship {
+        carrier: order_domain::Carrier::parse("UPS")?,
+        tracking_number: order_domain::TrackingNumber::parse("1Z999")?,
+    };
+    let key = es_postgres::IdempotencyKey {
+        key: format!("{user}:pay-1"),
+        fingerprint: "pay p-b 1400".to_owned(),
+    };
+
+    a.create(&envelope(None, None), create_command(order_id, user)?)
+        .await?; // a caches version 1
+    let paid = b.execute(&envelope(None, Some(&key)), pay("p-b")?).await?;
+    assert_eq!(paid.order.version, 2);
+
+    // a's cache says "created": shipping would be refused there; the stored
+    // order is paid, so it ships.
+    let shipped = a.execute(&envelope(None, None), ship.clone()).await?;
+    assert_eq!(shipped.order.version, 3);
+    assert_eq!(
+        shipped.order.payment_reference.as_ref().map(|r| r.as_str()),
+        Some("p-b"),
+        "decided on b's payment"
+    );
+    // An expected version checked against the store, not a stale cache.
+    let refused = b
+        .execute(
+            &envelope(Some(2), None),
+            order_domain::OrderCommand::Deliver,
+        )
+        .await
+        .expect_err("the order is at version 3");
+    assert!(
+        matches!(
+            refused,
+            CommandError::WrongVersion {
+                expected: 2,
+                actual: 3
+            }
+        ),
+        "{refused}"
+    );
+    // b's retry of its payment (same key) answers as the first time did.
+    let retried = b.execute(&envelope(None, Some(&key)), pay("p-b")?).await?;
+    assert_eq!(retried.order.version, 2, "the original answer");
+    assert_eq!(retried.position, paid.position);
+    // A second payment is refused by the stored state, from either replica.
+    for replica in [&a, &b] {
+        let again = replica
+            .execute(&envelope(None, None), pay("p-x")?)
+            .await
+            .expect_err("paid already");
+        assert!(matches!(again, CommandError::Rejected(_)), "{again}");
+    }
+    let delivered = b
+        .execute(
+            &envelope(Some(3), None),
+            order_domain::OrderCommand::Deliver,
+        )
+        .await?;
+    assert_eq!(delivered.order.version, 4);
+    let types: Vec<String> =
+        sqlx::query_scalar("SELECT event_type FROM events WHERE stream_id = $1 ORDER BY version")
+            .bind(es::stream_id::<order_domain::Order>(order_id))
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(
+        types,
+        [
+            "order.created",
+            "order.paid",
+            "order.shipped",
+            "order.delivered"
+        ]
+    );
     Ok(())
 }

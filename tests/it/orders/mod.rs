@@ -17,7 +17,7 @@ pub(super) use contracts::order::v1::{
 pub(super) use es::EventContext;
 pub(super) use es_postgres::EventStore;
 pub(super) use order_service::{
-    commands::{Envelope, OrderCommands},
+    commands::{CommandError, Envelope, OrderCommands},
     history::{self, At},
     projections,
 };

@@ -82,8 +82,9 @@ impl Application {
         if settings.append_writers > 0 {
             store = store.with_group_commit(settings.append_writers, settings.append_batch);
         }
-        let commands =
-            OrderCommands::new(store, settings.snapshot_every).with_metrics(metrics.clone());
+        let commands = OrderCommands::new(store, settings.snapshot_every)
+            .with_metrics(metrics.clone())
+            .with_cache(settings.aggregate_cache);
         let reads = ReadModels::new(
             pool.clone(),
             Duration::from_millis(settings.read_your_writes_timeout_ms),

@@ -1,6 +1,6 @@
 //! The command side: load (snapshot + later events + idempotency key, one
-//! round trip), decide with the aggregate, append (events + key + snapshot,
-//! one statement). Optimistic concurrency comes from the unique
+//! round trip; skipped for an order in the replica's cache), decide with the
+//! aggregate, append (events + key + snapshot, one statement). Optimistic concurrency comes from the unique
 //! `(stream_id, version)`; a lost race is [`CommandError::Conflict`].
 
 use chrono::{DateTime, Utc};
@@ -10,6 +10,8 @@ use es_postgres::{
 };
 use order_domain::{DecodeError, Order, OrderCommand, OrderError, OrderEvent};
 use uuid::Uuid;
+
+use crate::cache::{AggregateCache, Cached};
 
 /// When an order was created and last changed.
 pub type Times = (DateTime<Utc>, DateTime<Utc>);
@@ -81,6 +83,7 @@ pub struct OrderCommands {
     /// Store a snapshot each time a stream's version crosses a multiple of this.
     snapshot_every: i64,
     metrics: Option<platform::metrics::Metrics>,
+    cache: AggregateCache,
 }
 
 fn decode(event: &RecordedEvent) -> Result<OrderEvent, DecodeError> {
@@ -102,7 +105,16 @@ impl OrderCommands {
             store,
             snapshot_every: snapshot_every.max(1),
             metrics: None,
+            cache: AggregateCache::new(0),
         }
+    }
+
+    /// Remembers up to `orders` recently written aggregates, so a command on
+    /// one of them skips the load (see [`crate::cache`]).
+    #[must_use]
+    pub fn with_cache(mut self, orders: usize) -> Self {
+        self.cache = AggregateCache::new(orders);
+        self
     }
 
     /// Counts appended events in `metrics`.
@@ -184,6 +196,23 @@ impl OrderCommands {
         envelope: &Envelope<'_>,
         command: OrderCommand,
     ) -> Result<Outcome, CommandError> {
+        if let Some(Cached { order, first_at }) = self.cache.get(envelope.order_id) {
+            match self
+                .decide(envelope, order, Some(first_at), command.clone())
+                .await
+            {
+                Ok(outcome) => return Ok(outcome),
+                // The outcome of an append that failed this way is unknown:
+                // never decide it a second time.
+                Err(error @ (CommandError::Store(_) | CommandError::Append(_))) => {
+                    self.cache.forget(envelope.order_id);
+                    return Err(error);
+                }
+                // Nothing was written; the cached state may be stale (or
+                // the request a retry): ask the store.
+                Err(_) => self.cache.forget(envelope.order_id),
+            }
+        }
         let stream = envelope.stream();
         let load = self
             .store
@@ -299,6 +328,13 @@ impl OrderCommands {
             .await
         {
             Ok(appended) => {
+                self.cache.put(
+                    envelope.order_id,
+                    Cached {
+                        order: next.clone(),
+                        first_at,
+                    },
+                );
                 if let Some(metrics) = &self.metrics {
                     for event in &new_events {
                         metrics.events_appended(event.event_type, 1);

@@ -31,6 +31,9 @@ pub struct Settings {
     /// 0 turns group commit off (one statement per command).
     pub append_writers: usize,
     pub append_batch: usize,
+    /// `APP_AGGREGATE_CACHE`: orders whose latest state a replica keeps, so
+    /// commands on them skip the load (0: none).
+    pub aggregate_cache: usize,
     /// Longest a query waits for its `min_position` (read-your-writes).
     pub read_your_writes_timeout_ms: u64,
     /// How long start-up waits for Postgres and NATS.
@@ -54,6 +57,7 @@ impl Default for Settings {
             snapshot_every: 50,
             append_writers: 4,
             append_batch: 128,
+            aggregate_cache: 10_000,
             read_your_writes_timeout_ms: 3000,
             startup_wait_secs: 30,
         }

@@ -6,6 +6,7 @@
 //! travel), [`integration`] (`order.*` events for the outbox relay).
 
 pub mod app;
+mod cache;
 pub mod commands;
 pub mod config;
 pub mod grpc;
