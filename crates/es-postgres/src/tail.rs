@@ -192,7 +192,14 @@ async fn follow<S: Subscriber>(
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            notification = listener.recv() => { notification?; }
+            notification = listener.recv() => {
+                notification?;
+                // Commits that landed while the last batch was handled each
+                // sent a notification; one read answers them all.
+                while let Ok(more) = tokio::time::timeout(Duration::ZERO, listener.recv()).await {
+                    more?;
+                }
+            }
             () = tokio::time::sleep(config.poll_interval) => {}
         }
     }
