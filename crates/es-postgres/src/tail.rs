@@ -127,6 +127,8 @@ impl Default for TailConfig {
 
 /// The NOTIFY channel a statement trigger on `events` signals at commit.
 pub const CHANNEL: &str = "events_appended";
+/// Most queued wake-ups taken at once before a read.
+const DRAIN: usize = 1024;
 const LOCK_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('shop.tail.' || $1))";
 
 /// Runs `subscriber` until `shutdown` fires or it asks to stop, surviving
@@ -195,9 +197,16 @@ async fn follow<S: Subscriber>(
             notification = listener.recv() => {
                 notification?;
                 // Commits that landed while the last batch was handled each
-                // sent a notification; one read answers them all.
-                while let Ok(more) = tokio::time::timeout(Duration::ZERO, listener.recv()).await {
-                    more?;
+                // sent a notification; one read answers them all. Only what
+                // is already received is taken (never a wait), and at most
+                // `DRAIN` of it, so a steady stream of commits cannot hold
+                // the follower here. `recv` is cancel-safe: a message is
+                // consumed only once it is whole.
+                for _ in 0..DRAIN {
+                    match futures::FutureExt::now_or_never(listener.recv()) {
+                        Some(more) => { more?; }
+                        None => break,
+                    }
                 }
             }
             () = tokio::time::sleep(config.poll_interval) => {}

@@ -2,14 +2,6 @@
 //! telemetry, the gRPC server kit (health, reflection, graceful shutdown),
 //! the error-to-`Status` mapping helpers, and connections to Postgres and NATS.
 
-/// The allocator of every binary built on this crate (the services,
-/// `shopctl`, the tests). Measured at 32 clients, glibc's allocator took
-/// ~22 % of order-service's CPU (malloc, free, consolidation); with
-/// mimalloc's thread-local heaps the pipeline served 1.84-1.93k commands/s
-/// against 1.61k (docs/performance.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub mod admin;
 pub mod auth;
 pub mod cli;

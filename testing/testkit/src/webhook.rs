@@ -48,13 +48,21 @@ async fn receive(
     headers: HeaderMap,
     body: String,
 ) -> StatusCode {
+    /// Counts the request out also when the client gives up on it.
+    struct InFlight<'a>(&'a AtomicUsize);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    let in_flight = InFlight(&shared.in_flight);
     shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let delay = shared.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
     }
-    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    drop(in_flight);
     let fail = shared.failing.load(Ordering::SeqCst)
         || shared
             .fail_next

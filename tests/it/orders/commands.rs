@@ -248,6 +248,33 @@ async fn a_replica_with_a_stale_cache_decides_on_the_stored_order() -> anyhow::R
     let paid = b.execute(&envelope(None, Some(&key)), pay("p-b")?).await?;
     assert_eq!(paid.order.version, 2);
 
+    // A second order: a's cache allows the command, but the append at the
+    // cached version conflicts; decided again on the stored (paid) order.
+    let other = uuid::Uuid::now_v7();
+    let on_other = |key| Envelope {
+        order_id: other,
+        owner: user,
+        expected_version: None,
+        context: &context,
+        key,
+    };
+    a.create(&on_other(None), create_command(other, user)?)
+        .await?;
+    b.execute(&on_other(None), pay("p-other")?).await?;
+    let cancel = order_domain::OrderCommand::Cancel {
+        reason: order_domain::CancelReason::parse("changed my mind")?,
+    };
+    let cancelled = a.execute(&on_other(None), cancel).await?;
+    assert_eq!(cancelled.order.version, 3, "after b's payment, not over it");
+    assert_eq!(
+        cancelled
+            .order
+            .payment_reference
+            .as_ref()
+            .map(|r| r.as_str()),
+        Some("p-other")
+    );
+
     // a's cache says "created": shipping would be refused there; the stored
     // order is paid, so it ships.
     let shipped = a.execute(&envelope(None, None), ship.clone()).await?;

@@ -130,7 +130,10 @@ impl Application {
             max_deliver: settings.max_deliver.max(1),
             max_wait: Duration::from_secs(settings.max_wait_secs),
             lanes: settings.consumer_lanes.clamp(1, 256),
-            batch: settings.consumer_batch.clamp(1, 1000),
+            // Each message's order is one advisory lock held by the batch:
+            // bounded well within max_locks_per_transaction.
+            batch: settings.consumer_batch.clamp(1, 256),
+            ack_wait: Duration::from_secs(settings.ack_wait_secs),
             pause_before_ack: Duration::from_millis(settings.faults.pause_before_ack_ms),
             metrics: metrics.clone(),
         };

@@ -26,12 +26,36 @@ pub(crate) struct Cached {
 
 #[derive(Debug, Default)]
 struct Entries {
-    by_id: HashMap<Uuid, Cached>,
-    /// Insertion order, for eviction (ids may repeat; stale ones are skipped).
-    order: VecDeque<Uuid>,
+    /// Each entry with the stamp it was inserted under.
+    by_id: HashMap<Uuid, (Cached, u64)>,
+    /// Insertion order, for eviction. An id whose stamp no longer matches
+    /// its entry (forgotten, or inserted again since) is skipped.
+    queue: VecDeque<(Uuid, u64)>,
+    next_stamp: u64,
 }
 
-/// A bounded map of order id -> latest known state. Cloning shares it.
+impl Entries {
+    fn evict(&mut self, capacity: usize) {
+        while self.by_id.len() > capacity {
+            let Some((oldest, stamp)) = self.queue.pop_front() else {
+                break;
+            };
+            if self.by_id.get(&oldest).is_some_and(|(_, s)| *s == stamp) {
+                self.by_id.remove(&oldest);
+            }
+        }
+        // Skipped ids accumulate while nothing needs evicting: keep the
+        // queue within twice the entries.
+        if self.queue.len() > 2 * self.by_id.len().max(16) {
+            let by_id = &self.by_id;
+            self.queue
+                .retain(|(id, stamp)| by_id.get(id).is_some_and(|(_, s)| s == stamp));
+        }
+    }
+}
+
+/// A bounded map of order id -> latest known state, the order written
+/// longest ago evicted first. Cloning shares it.
 #[derive(Debug, Clone)]
 pub(crate) struct AggregateCache {
     capacity: usize,
@@ -57,7 +81,10 @@ impl AggregateCache {
         if self.capacity == 0 {
             return None;
         }
-        self.lock().by_id.get(&order_id).cloned()
+        self.lock()
+            .by_id
+            .get(&order_id)
+            .map(|(cached, _)| cached.clone())
     }
 
     /// Remembers `cached` unless a later version is known already.
@@ -66,22 +93,16 @@ impl AggregateCache {
             return;
         }
         let mut entries = self.lock();
-        if let Some(known) = entries.by_id.get(&order_id)
+        if let Some((known, _)) = entries.by_id.get(&order_id)
             && known.order.version >= cached.order.version
         {
             return;
         }
-        if entries.by_id.insert(order_id, cached).is_none() {
-            entries.order.push_back(order_id);
-        }
-        while entries.by_id.len() > self.capacity {
-            match entries.order.pop_front() {
-                Some(oldest) => {
-                    entries.by_id.remove(&oldest);
-                }
-                None => break,
-            }
-        }
+        let stamp = entries.next_stamp;
+        entries.next_stamp += 1;
+        entries.by_id.insert(order_id, (cached, stamp));
+        entries.queue.push_back((order_id, stamp));
+        entries.evict(self.capacity);
     }
 
     /// Forgets an order whose cached state did not hold.
@@ -89,8 +110,16 @@ impl AggregateCache {
         if self.capacity == 0 {
             return;
         }
-        // Its id stays in the eviction queue; popping it later is harmless.
-        self.lock().by_id.remove(&order_id);
+        let mut entries = self.lock();
+        entries.by_id.remove(&order_id);
+        entries.evict(self.capacity);
+    }
+
+    /// Entries and queued ids (for tests of the bound).
+    #[cfg(test)]
+    fn sizes(&self) -> (usize, usize) {
+        let entries = self.lock();
+        (entries.by_id.len(), entries.queue.len())
     }
 }
 
@@ -109,7 +138,7 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_order_makes_room_and_an_older_version_never_replaces_a_newer() {
+    fn the_order_written_longest_ago_makes_room_and_an_older_version_never_replaces_a_newer() {
         let cache = AggregateCache::new(2);
         let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         cache.put(a, at(1));
@@ -118,10 +147,31 @@ mod tests {
         cache.put(a, at(2));
         assert_eq!(cache.get(a).map(|c| c.order.version), Some(3));
         cache.put(c, at(1));
-        assert!(cache.get(a).is_none(), "a was inserted first");
-        assert!(cache.get(b).is_some() && cache.get(c).is_some());
-        cache.forget(b);
-        assert!(cache.get(b).is_none());
+        assert!(cache.get(b).is_none(), "b was written longest ago");
+        assert!(cache.get(a).is_some() && cache.get(c).is_some());
+        cache.forget(c);
+        assert!(cache.get(c).is_none());
+    }
+
+    #[test]
+    fn forgetting_and_putting_again_neither_evicts_the_live_entry_nor_grows_the_queue() {
+        let cache = AggregateCache::new(2);
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        cache.put(a, at(1));
+        for version in 2..1000 {
+            cache.forget(a);
+            cache.put(a, at(version));
+        }
+        cache.put(b, at(1));
+        assert_eq!(
+            cache.get(a).map(|c| c.order.version),
+            Some(999),
+            "a is live"
+        );
+        assert!(cache.get(b).is_some());
+        let (entries, queued) = cache.sizes();
+        assert_eq!(entries, 2);
+        assert!(queued <= 32, "the queue stays bounded: {queued}");
     }
 
     #[test]

@@ -150,13 +150,23 @@ impl OrderCommands {
 
     /// The answer to a retry whose key another append already stored: the
     /// original result if the request is the same, else `KeyReused`.
-    async fn original_for_key(&self, key: &IdempotencyKey) -> Result<Outcome, CommandError> {
+    async fn original_for_key(
+        &self,
+        key: &IdempotencyKey,
+        stream: Option<&str>,
+    ) -> Result<Outcome, CommandError> {
         let used = self
             .store
             .find_idempotency_key(&key.key)
             .await?
             .filter(|used| used.same_request(key))
             .ok_or(CommandError::KeyReused)?;
+        // As on the load path: a key is bound to the order it was used on.
+        if let Some(stream) = stream
+            && used.stream_id != stream
+        {
+            return Err(CommandError::KeyReused);
+        }
         let order_id = es::id_of_stream::<Order>(&used.stream_id).ok_or(CommandError::KeyReused)?;
         self.original(order_id, used.appended).await
     }
@@ -299,6 +309,7 @@ impl OrderCommands {
             events,
             first_at,
         } = decision;
+        let current_version = current.version;
         let now = es_postgres::now();
         let first_at = first_at.unwrap_or(now);
         let new_events = events
@@ -349,7 +360,13 @@ impl OrderCommands {
             Err(AppendError::Conflict { .. }) => Err(CommandError::Conflict(envelope.order_id)),
             // A concurrent retry with the same key won: answer as it did.
             Err(AppendError::DuplicateKey) => match envelope.key {
-                Some(key) => self.original_for_key(key).await,
+                // A create's retry mints a new id: its key is bound to the
+                // order it created, which is not this one.
+                Some(key) => {
+                    let stream = envelope.stream();
+                    let bound = (current_version > 0).then_some(stream.as_str());
+                    self.original_for_key(key, bound).await
+                }
                 None => Err(CommandError::KeyReused),
             },
             Err(error) => Err(CommandError::Append(error)),

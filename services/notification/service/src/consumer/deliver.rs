@@ -13,6 +13,9 @@ use crate::{
     store::{self, Delivered},
 };
 
+/// Orders of one batch whose emails and webhooks go out at once.
+const CONCURRENT_GROUPS: usize = 8;
+
 /// One decoded message of a batch.
 pub(super) struct Item<'a> {
     pub(super) subject: &'a str,
@@ -123,12 +126,15 @@ impl Deliverer {
                     .map(|(trigger, message)| (*trigger, message)),
             })
             .collect();
-        // One group per order (per event for ungated items), in batch order.
+        // One group per order (per event for events of no order), in batch
+        // order. A redriven copy shares its order's group, so it never runs
+        // beside its original.
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut group_of: HashMap<Uuid, usize> = HashMap::new();
         for (index, item) in items.iter().enumerate() {
             let key = item
-                .gated()
+                .decoded
+                .order
                 .map_or(item.decoded.event_id, |(order_id, _)| order_id);
             let group = *group_of.entry(key).or_insert_with(|| {
                 groups.push(Vec::new());
@@ -136,11 +142,16 @@ impl Deliverer {
             });
             groups[group].push(index);
         }
-        let handled = futures::future::join_all(
-            groups
-                .iter()
-                .map(|indices| self.process_group(&batch, indices)),
-        )
+        // Bounded: each email or webhook success takes a pool connection to
+        // be recorded, beside the one this batch holds.
+        let pending: Vec<_> = groups
+            .iter()
+            .map(|indices| self.process_group(&batch, indices))
+            .collect();
+        let handled: Vec<_> = futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+            futures::stream::iter(pending),
+            CONCURRENT_GROUPS,
+        ))
         .await;
         let mut each: Vec<Option<Handled>> = (0..items.len()).map(|_| None).collect();
         for group in handled {
@@ -175,9 +186,11 @@ impl Deliverer {
         indices: &[usize],
     ) -> Result<Vec<(usize, Handled)>, Problem> {
         // The order's last finished version, this batch included.
+        // (Read for its gated items; a redriven one is not gated.)
         let mut last = indices
-            .first()
-            .map_or(0, |first| batch[*first].known.last_version);
+            .iter()
+            .find(|index| batch[**index].item.gated().is_some())
+            .map_or(0, |index| batch[*index].known.last_version);
         // Copies of one message (redelivered while queued) share a group.
         let mut seen: HashMap<Uuid, bool> = HashMap::new();
         let mut handled = Vec::with_capacity(indices.len());

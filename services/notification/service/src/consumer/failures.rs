@@ -24,9 +24,31 @@ pub(super) enum Problem {
     Delivery(#[from] DeliveryError),
     #[error("dead-letter stream: {0}")]
     DeadLetter(#[source] messaging::MessagingError),
+    /// The batch this message was handled in failed (the cause, as text:
+    /// one cause is shared by every message of the batch).
+    #[error("{0}")]
+    Batch(String),
 }
 
 impl Problem {
+    /// Whether Postgres itself is away (retrying item by item is futile).
+    pub(super) fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+            )
+        )
+    }
+
+    /// The same problem for another message of a failed batch.
+    pub(super) fn again(&self) -> Self {
+        match self {
+            Self::Waiting(why) => Self::Waiting(why.clone()),
+            other => Self::Batch(other.to_string()),
+        }
+    }
+
     /// Whether it is a failure (counted towards `max_deliver`) rather than
     /// a wait.
     fn failed(&self) -> bool {

@@ -58,6 +58,9 @@ pub struct Deliverer {
     pub lanes: usize,
     /// Most messages one lane handles in one transaction.
     pub batch: usize,
+    /// The consumers' ack wait: a batch still in progress says so every
+    /// third of it.
+    pub ack_wait: Duration,
     pub pause_before_ack: Duration,
     pub metrics: platform::metrics::Metrics,
 }
@@ -140,15 +143,15 @@ impl Deliverer {
                 }
             })
             .collect();
+        let in_flight: Vec<&jetstream::Message> =
+            decoded.iter().map(|(index, _)| &messages[*index]).collect();
         let batch = tracing::info_span!("notification.batch", consumer, size = items.len());
-        let results = tracing::Instrument::instrument(self.process(&items), batch).await;
+        let work = tracing::Instrument::instrument(self.process_each(&items), batch);
+        let results = self.keeping_in_progress(&in_flight, work).await;
         let mut duplicates = vec![false; messages.len()];
-        for (position, (index, event)) in decoded.iter().enumerate() {
+        for ((index, event), result) in decoded.iter().zip(&results) {
             let message = &messages[*index];
-            let result = match &results {
-                Ok(each) => each[position].as_ref().map(|duplicate| *duplicate),
-                Err(problem) => Err(problem),
-            };
+            let result = result.as_ref().map(|duplicate| *duplicate);
             let settle = self.settle(consumer, message, event, result);
             let (outcome, duplicate) =
                 tracing::Instrument::instrument(settle, spans[*index].clone()).await;
@@ -168,6 +171,61 @@ impl Deliverer {
             let outcome = outcome.unwrap_or(AckKind::Nak(None));
             let ack = self.acknowledge(consumer, message, outcome, duplicate);
             tracing::Instrument::instrument(ack, span).await;
+        }
+    }
+
+    /// Processes `items` as one batch; when the batch fails as a whole
+    /// (one item's storage error rolls back all), each item alone, so one
+    /// item's failure is neither counted against the others nor holds them
+    /// back. Not during an outage: every item would only fail again.
+    async fn process_each(&self, items: &[Item<'_>]) -> Vec<Result<bool, Problem>> {
+        if items.is_empty() {
+            return Vec::new();
+        }
+        match self.process(items).await {
+            Ok(each) => each,
+            Err(problem) if items.len() == 1 => vec![Err(problem)],
+            Err(problem) if problem.is_outage() => {
+                items.iter().map(|_| Err(problem.again())).collect()
+            }
+            Err(problem) => {
+                tracing::debug!(%problem, size = items.len(), "batch failed; one message at a time");
+                let mut each = Vec::with_capacity(items.len());
+                for item in items {
+                    each.push(match self.process(std::slice::from_ref(item)).await {
+                        Ok(mut one) => one
+                            .pop()
+                            .unwrap_or_else(|| Err(Problem::Waiting("not handled".to_owned()))),
+                        Err(problem) => Err(problem),
+                    });
+                }
+                each
+            }
+        }
+    }
+
+    /// Runs `work`, telling the server every third of the ack wait that
+    /// `messages` are still being worked on: a batch held up by a slow
+    /// endpoint is not redelivered to another replica meanwhile.
+    async fn keeping_in_progress<T>(
+        &self,
+        messages: &[&jetstream::Message],
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let every = (self.ack_wait / 3).max(Duration::from_millis(100));
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = ticks.tick() => {
+                    for message in messages {
+                        if let Err(error) = message.ack_with(AckKind::Progress).await {
+                            tracing::debug!(%error, "cannot extend the ack wait");
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -269,6 +327,10 @@ pub async fn run(consumer: PullConsumer, deliverer: Deliverer, shutdown: Cancell
             // next batch: one message when idle, up to `batch` under load.
             while receiver.recv_many(&mut messages, batch).await > 0 {
                 if shutdown.is_cancelled() {
+                    // Back to the server at once, not after the ack wait.
+                    for (message, _) in messages.drain(..) {
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                    }
                     break;
                 }
                 deliverer.handle(&name, std::mem::take(&mut messages)).await;
