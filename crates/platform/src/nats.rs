@@ -4,8 +4,19 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 
-/// Connects to NATS, retrying until `wait` has passed, and returns a
-/// JetStream context. Later disconnects are handled by the client, which
+/// The servers of a NATS URL: one `nats://host:port`, or several separated
+/// by commas (the nodes of a cluster; the client picks one and fails over
+/// to the others, and learns the rest of the cluster from the server).
+#[must_use]
+pub fn servers(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|server| !server.is_empty())
+        .collect()
+}
+
+/// Connects to NATS (any of the servers of `url`, see [`servers`]),
+/// retrying until `wait` has passed, and returns a JetStream context. Later disconnects are handled by the client, which
 /// reconnects forever.
 ///
 /// # Errors
@@ -24,7 +35,7 @@ pub async fn connect(
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2));
         // `retry_on_initial_connect` returns at once; prove the link with a flush.
-        let attempt = match options.connect(url).await {
+        let attempt = match options.connect(servers(url)).await {
             Ok(client) => {
                 match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
                     Ok(Ok(())) => Ok(client),
@@ -45,5 +56,19 @@ pub async fn connect(
             }
             Err(error) => return Err(crate::StartError::nats(url, error)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::servers;
+
+    #[test]
+    fn a_url_names_one_server_or_a_comma_separated_cluster() {
+        assert_eq!(servers("nats://127.0.0.1:4222"), ["nats://127.0.0.1:4222"]);
+        assert_eq!(
+            servers("nats://a:1, nats://b:2,nats://c:3,"),
+            ["nats://a:1", "nats://b:2", "nats://c:3"]
+        );
     }
 }

@@ -107,7 +107,7 @@ pub(crate) fn sqlx_cause(error: &sqlx::Error) -> String {
 pub(crate) async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
         .connection_timeout(std::time::Duration::from_secs(5))
-        .connect(url)
+        .connect(platform::nats::servers(url))
         .await
         .map_err(|error| anyhow::anyhow!("cannot connect to NATS at {url}: {error}"))
 }

@@ -306,11 +306,13 @@ impl Up {
     fn start() -> Result<Self, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
+        // Its output, for the failure message if it stops early.
+        let log = std::fs::File::create(dir.path().join("up.log"))?;
         let child = shopctl()
             .args(["up", "--data-dir"])
             .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .spawn()?;
         let mut up = Self {
             child,
@@ -324,7 +326,13 @@ impl Up {
     fn wait_until_up(&mut self) -> Result<(), Box<dyn std::error::Error>> {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !self.stack_file().exists() {
-            assert!(self.child.try_wait()?.is_none(), "shopctl up exited early");
+            if self.child.try_wait()?.is_some() {
+                let log = self.data.with_file_name("up.log");
+                panic!(
+                    "shopctl up exited early:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
             assert!(Instant::now() < deadline, "the stack did not come up");
             std::thread::sleep(Duration::from_millis(100));
         }
