@@ -24,7 +24,7 @@ mod stack;
 mod tls;
 mod webhook;
 
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use pg::TestDb;
 pub use pg_server::PgServer;
 pub use proxy::{Link, TcpProxy};

@@ -1,4 +1,5 @@
-//! A private `nats-server` process with JetStream, per test.
+//! A private `nats-server` process with JetStream, per test, or a cluster
+//! of them on loopback ports.
 
 use std::{
     path::PathBuf,
@@ -11,6 +12,8 @@ use std::{
 pub struct NatsServer {
     port: u16,
     store: tempfile::TempDir,
+    /// Cluster arguments (name, routes), empty for a lone server.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -37,6 +40,7 @@ impl NatsServer {
         let mut server = Self {
             port: crate::free_port(),
             store: tempfile::tempdir()?,
+            args: Vec::new(),
             child: None,
         };
         server.start_again().await?;
@@ -57,6 +61,7 @@ impl NatsServer {
         let child = Command::new(binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -81,6 +86,90 @@ impl NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// `size` nats-servers clustered on loopback ports (JetStream clustering:
+/// streams with replicas up to `size`). Killed on drop.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts the nodes and waits until JetStream answers on every one (a
+    /// meta leader is elected).
+    ///
+    /// # Errors
+    ///
+    /// As [`NatsServer::start`], or when the cluster does not form in 30 s.
+    pub async fn start(size: usize) -> anyhow::Result<Self> {
+        let routes: Vec<u16> = (0..size).map(|_| crate::free_port()).collect();
+        let route_urls = routes
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::with_capacity(size);
+        for (n, route) in routes.iter().enumerate() {
+            let mut node = NatsServer {
+                port: crate::free_port(),
+                store: tempfile::tempdir()?,
+                args: vec![
+                    "-n".to_owned(),
+                    format!("node-{n}"),
+                    "--cluster_name".to_owned(),
+                    "shop".to_owned(),
+                    "--cluster".to_owned(),
+                    format!("nats://127.0.0.1:{route}"),
+                    "--routes".to_owned(),
+                    route_urls.clone(),
+                ],
+                child: None,
+            };
+            node.start_again().await?;
+            nodes.push(node);
+        }
+        let cluster = Self { nodes };
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    /// Every node's URL, comma-separated (what `APP_NATS_URL` takes).
+    #[must_use]
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until JetStream answers on every running node.
+    ///
+    /// # Errors
+    ///
+    /// When it does not within 30 s.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let url = node.url();
+            crate::eventually(
+                "JetStream on every node",
+                Duration::from_secs(30),
+                || async {
+                    let client = async_nats::connect(&url).await.ok()?;
+                    match async_nats::jetstream::new(client).query_account().await {
+                        Ok(info) => Some(info),
+                        Err(error) => {
+                            tracing::warn!(%error, %url, "JetStream not ready");
+                            None
+                        }
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(())
     }
 }
 

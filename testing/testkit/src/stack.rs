@@ -12,13 +12,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::{NatsServer, TestDb};
+use crate::{NatsCluster, NatsServer, TestDb};
 
 /// A whole system for one test. Dropping it stops the services and the
 /// nats-server.
 #[derive(Debug)]
 pub struct TestStack {
+    /// The nats-server (of a cluster: its first node).
     pub nats: NatsServer,
+    /// A cluster's other nodes (none for a lone server).
+    pub nats_peers: Vec<NatsServer>,
     pub user_db: TestDb,
     pub order_db: TestDb,
     pub notification_db: TestDb,
@@ -79,13 +82,57 @@ impl TestStack {
         configure: impl FnOnce(&mut user_service::config::AuthSettings),
         configure_notifications: impl FnOnce(&mut notification_service::Settings),
     ) -> anyhow::Result<Self> {
+        let nats = NatsServer::start().await?;
+        Self::start_on(vec![nats], 1, configure, configure_notifications).await
+    }
+
+    /// Like [`Self::start`], on a `size`-node NATS cluster with every stream
+    /// replicated `size` times; the services are given every node's URL.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::start`], or when the cluster does not form.
+    pub async fn start_clustered(size: usize) -> anyhow::Result<Self> {
+        let cluster = NatsCluster::start(size).await?;
+        Self::start_on(cluster.nodes, size, |_| {}, |_| {}).await
+    }
+
+    /// Every nats-server's URL, comma-separated.
+    #[must_use]
+    pub fn nats_url(&self) -> String {
+        std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn start_on(
+        nodes: Vec<NatsServer>,
+        replicas: usize,
+        configure: impl FnOnce(&mut user_service::config::AuthSettings),
+        configure_notifications: impl FnOnce(&mut notification_service::Settings),
+    ) -> anyhow::Result<Self> {
         crate::init_logging();
         let mut auth = user_service::config::AuthSettings {
             signing_key: platform::config::Secret::new(TEST_SIGNING_KEY),
             ..user_service::Settings::default().auth
         };
         configure(&mut auth);
-        let nats = NatsServer::start().await?;
+        let mut nodes = nodes.into_iter();
+        let nats = nodes
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no nats-server"))?;
+        let nats_peers: Vec<NatsServer> = nodes.collect();
+        let nats_url = std::iter::once(&nats)
+            .chain(&nats_peers)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",");
+        let streams = messaging::StreamLimits {
+            replicas,
+            ..Default::default()
+        };
         let (user_db, order_db, notification_db) = tokio::try_join!(
             TestDb::create("users"),
             TestDb::create("orders"),
@@ -97,7 +144,8 @@ impl TestStack {
             grpc_addr: "127.0.0.1:0".to_owned(),
             admin_addr: "127.0.0.1:0".to_owned(),
             database_url: platform::config::DatabaseUrl::new(user_db.url.clone()),
-            nats_url: nats.url(),
+            nats_url: nats_url.clone(),
+            streams: streams.clone(),
             auth,
             startup_wait_secs: 10,
             ..Default::default()
@@ -111,7 +159,8 @@ impl TestStack {
             grpc_addr: "127.0.0.1:0".to_owned(),
             admin_addr: "127.0.0.1:0".to_owned(),
             database_url: platform::config::DatabaseUrl::new(order_db.url.clone()),
-            nats_url: nats.url(),
+            nats_url: nats_url.clone(),
+            streams: streams.clone(),
             user_service: user_service.clone(),
             startup_wait_secs: 10,
             ..Default::default()
@@ -125,7 +174,8 @@ impl TestStack {
             admin_addr: "127.0.0.1:0".to_owned(),
             database_url: platform::config::DatabaseUrl::new(notification_db.url.clone()),
             user_service,
-            nats_url: nats.url(),
+            nats_url: nats_url.clone(),
+            streams,
             startup_wait_secs: 10,
             // The tests' webhook receivers listen on loopback.
             webhook_allowed_networks: "127.0.0.0/8,::1".to_owned(),
@@ -146,6 +196,7 @@ impl TestStack {
         ];
         Ok(Self {
             nats,
+            nats_peers,
             user_db,
             order_db,
             notification_db,
