@@ -62,6 +62,8 @@ impl NatsServer {
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path())
             .args(&self.args)
+            .arg("-l")
+            .arg(self.store.path().join("nats.log"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -78,6 +80,18 @@ impl NatsServer {
         })
         .await?;
         Ok(())
+    }
+
+    /// The last lines of the server's log, for a failure's message.
+    #[must_use]
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.store.path().join("nats.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "nats-server :{}:\n{}",
+            self.port,
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        )
     }
 
     /// SIGKILLs the server (its store survives for [`Self::start_again`]).
@@ -151,23 +165,46 @@ impl NatsCluster {
     ///
     /// When it does not within 30 s.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        self.probe().await.map_err(|error| {
+            let logs: Vec<String> = self.nodes.iter().map(NatsServer::log_tail).collect();
+            error.context(logs.join("\n"))
+        })
+    }
+
+    async fn probe(&self) -> anyhow::Result<()> {
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             let url = node.url();
-            crate::eventually(
+            let last = std::sync::Mutex::new(String::new());
+            let ready = crate::eventually(
                 "JetStream on every node",
                 Duration::from_secs(30),
                 || async {
-                    let client = async_nats::connect(&url).await.ok()?;
-                    match async_nats::jetstream::new(client).query_account().await {
-                        Ok(info) => Some(info),
-                        Err(error) => {
-                            tracing::warn!(%error, %url, "JetStream not ready");
-                            None
+                    let answer = async {
+                        // The raw API: async-nats cannot parse the account
+                        // info a 2.9 cluster node sends.
+                        let client = async_nats::connect(&url).await?;
+                        let reply = client.request("$JS.API.INFO", "".into()).await?;
+                        let info: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+                        match info.get("error") {
+                            Some(error) => Err(anyhow::anyhow!("JetStream: {error}")),
+                            None => Ok(info),
                         }
                     }
+                    .await;
+                    answer
+                        .map_err(|error| {
+                            if let Ok(mut last) = last.lock() {
+                                *last = format!("{url}: {error:#}");
+                            }
+                        })
+                        .ok()
                 },
             )
-            .await?;
+            .await;
+            if let Err(error) = ready {
+                let last = last.lock().map(|l| l.clone()).unwrap_or_default();
+                return Err(error.context(format!("last answer: {last}")));
+            }
         }
         Ok(())
     }
