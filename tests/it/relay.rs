@@ -111,6 +111,7 @@ fn start_relay(
             // the relay cannot map lands mid-batch, and what precedes it in
             // its batch must still be published.
             batch_size: 64,
+            ..es_postgres::tail::TailConfig::default()
         },
         ..RelayConfig::new("gap-test")
     };

@@ -38,7 +38,7 @@ pub struct MapError {
 }
 
 /// Tuning of one relay.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RelayConfig {
     /// Checkpoint name; one per (database, destination).
     pub name: String,
@@ -106,6 +106,7 @@ impl<M: IntegrationMapper> Relay<M> {
     #[must_use]
     pub fn with_metrics(mut self, metrics: platform::metrics::Metrics) -> Self {
         metrics.init_relay(&self.config.name);
+        self.config.tail.metrics = Some(metrics.clone());
         self.metrics = Some(metrics);
         self
     }

@@ -12,9 +12,27 @@
 //! so the cursor `(tx_id, position)` never passes an event that commits later.
 //! A long-running writer delays followers; it never makes them skip an event.
 //!
-//! Only one follower per name runs at a time: it holds a session advisory
-//! lock on its own connection, which is also the connection it reads on, so
-//! losing the connection loses the lock and the reads together.
+//! # Leadership
+//!
+//! Only one follower per name runs at a time, whichever replica it is in:
+//! it holds a session advisory lock on its own connection, which is also
+//! the connection it reads on, so losing the connection loses the lock and
+//! the reads together. The other replicas stand by and ask for the lock
+//! every [`TailConfig::standby_interval`].
+//!
+//! - A leader that dies (kill -9, a crash) closes its socket: Postgres ends
+//!   the session and frees the lock at once; a standby takes over within
+//!   one standby interval.
+//! - A leader cut off from Postgres without its socket closing (a partition,
+//!   a frozen host): the session asks the server for TCP keepalives
+//!   ([`KEEPALIVE_SQL`]), so the server ends it and frees the lock within
+//!   ~10 s; on the leader's side every step on the connection has a
+//!   deadline ([`TailConfig::step_timeout`]), so it gives up, drops the
+//!   connection and stands by itself.
+//!
+//! Two leaders are never both *reading and checkpointing*; during a
+//! partition the old one may still publish what it had read, which
+//! JetStream's duplicate window (message id = event id) drops.
 
 use std::{future::Future, time::Duration};
 
@@ -106,13 +124,21 @@ pub trait Subscriber: Send {
 }
 
 /// Tuning of one follower.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct TailConfig {
     pub batch_size: i64,
     /// Poll even without a NOTIFY, so a lost notification costs latency only.
     pub poll_interval: Duration,
     /// Pause after a failure (Postgres or NATS unreachable) before retrying.
     pub retry_delay: Duration,
+    /// How often a standby asks for the leader's lock: the takeover time
+    /// after a leader dies.
+    pub standby_interval: Duration,
+    /// Deadline of each step on the leader's connection (a read, a batch);
+    /// past it the connection is taken as lost.
+    pub step_timeout: Duration,
+    /// Where leadership is shown (`shop_follower_leader`).
+    pub metrics: Option<platform::metrics::Metrics>,
 }
 
 impl Default for TailConfig {
@@ -121,8 +147,63 @@ impl Default for TailConfig {
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
             retry_delay: Duration::from_millis(500),
+            standby_interval: Duration::from_secs(1),
+            step_timeout: Duration::from_secs(30),
+            metrics: None,
         }
     }
+}
+
+/// Asks the server to probe the follower's TCP connection and end the
+/// session (freeing the lock) when the peer is gone: ~5 s idle, then 5
+/// probes 1 s apart; unacknowledged data is given up after 10 s.
+pub const KEEPALIVE_SQL: &str = "SELECT set_config('tcp_keepalives_idle', '5', false), \
+     set_config('tcp_keepalives_interval', '1', false), \
+     set_config('tcp_keepalives_count', '5', false), \
+     set_config('tcp_user_timeout', '10000', false)";
+
+/// `shop_follower_leader` for one follower, back to 0 when dropped.
+struct Leading<'a> {
+    metrics: Option<&'a platform::metrics::Metrics>,
+    name: &'a str,
+}
+
+impl<'a> Leading<'a> {
+    fn new(metrics: Option<&'a platform::metrics::Metrics>, name: &'a str) -> Self {
+        if let Some(metrics) = metrics {
+            metrics.set_follower_leader(name, true);
+        }
+        Self { metrics, name }
+    }
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.metrics {
+            metrics.set_follower_leader(self.name, false);
+        }
+    }
+}
+
+/// `step` under the leader's deadline: a timeout is an error like any
+/// other, after which the connection is dropped.
+async fn step<T, E: Into<TailError>>(
+    timeout: Duration,
+    what: &'static str,
+    step: impl Future<Output = Result<T, E>>,
+) -> Result<T, TailError> {
+    match tokio::time::timeout(timeout, step).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(TailError::new(StepTimedOut { what, timeout })),
+    }
+}
+
+/// A step on the leader's connection took longer than its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} took longer than {timeout:?}: the connection is taken as lost")]
+struct StepTimedOut {
+    what: &'static str,
+    timeout: Duration,
 }
 
 /// The NOTIFY channel a statement trigger on `events` signals at commit.
@@ -161,32 +242,74 @@ async fn follow<S: Subscriber>(
     shutdown: &CancellationToken,
 ) -> Result<(), TailError> {
     let name = subscriber.name();
-    let mut conn = PgConnection::connect(database_url).await?;
+    let limit = config.step_timeout;
+    let mut conn = step(limit, "connecting", PgConnection::connect(database_url)).await?;
+    step(
+        limit,
+        "asking for keepalives",
+        sqlx::query(KEEPALIVE_SQL).execute(&mut conn),
+    )
+    .await?;
+    if let Some(metrics) = &config.metrics {
+        metrics.set_follower_leader(&name, false);
+    }
+    let standing_by = std::time::Instant::now();
     loop {
-        let locked: bool = sqlx::query_scalar(LOCK_SQL)
-            .bind(&name)
-            .fetch_one(&mut conn)
-            .await?;
+        let locked: bool = step(
+            limit,
+            "asking for the lock",
+            sqlx::query_scalar(LOCK_SQL)
+                .bind(&name)
+                .fetch_one(&mut conn),
+        )
+        .await?;
         if locked {
             break;
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(config.poll_interval * 4) => {}
+            () = tokio::time::sleep(config.standby_interval) => {}
         }
     }
-    let mut listener = PgListener::connect(database_url).await?;
-    listener.listen(CHANNEL).await?;
-    let mut cursor = subscriber.load_cursor(&mut conn).await?;
-    tracing::info!(follower = %name, %cursor, "following the events table");
+    let _leading = Leading::new(config.metrics.as_ref(), &name);
+    let mut listener = step(limit, "listening", PgListener::connect(database_url)).await?;
+    step(limit, "listening", listener.listen(CHANNEL)).await?;
+    let mut cursor = step(
+        limit,
+        "loading the cursor",
+        subscriber.load_cursor(&mut conn),
+    )
+    .await?;
+    tracing::info!(
+        follower = %name,
+        %cursor,
+        stood_by_ms = standing_by.elapsed().as_millis(),
+        "leading: following the events table"
+    );
     loop {
-        if !subscriber.keep_running(&mut conn, &cursor).await? {
+        if !step(
+            limit,
+            "checking in",
+            subscriber.keep_running(&mut conn, &cursor),
+        )
+        .await?
+        {
             return Ok(());
         }
-        let batch = read_batch(&mut conn, &cursor, config.batch_size).await?;
+        let batch = step(
+            limit,
+            "reading a batch",
+            read_batch(&mut conn, &cursor, config.batch_size),
+        )
+        .await?;
         if let Some((last, _)) = batch.last() {
             let last = last.clone();
-            subscriber.handle(&mut conn, &batch).await?;
+            step(
+                limit,
+                "handling a batch",
+                subscriber.handle(&mut conn, &batch),
+            )
+            .await?;
             cursor = last;
             if batch.len() as i64 >= config.batch_size {
                 continue;

@@ -7,15 +7,15 @@
 //! `docs/adr/0004-jetstream-topology.md`). Everything here is declared at start,
 //! before anything is published, and is idempotent. No business rules.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{
-    self,
+    self, ErrorCode,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
-    context::{CreateStreamError, PublishError},
+    context::{CreateStreamError, CreateStreamErrorKind, PublishError},
     message::PublishMessage,
     publish::PublishAck,
-    stream::{ConsumerError, DiscardPolicy, RetentionPolicy, StorageType},
+    stream::{ConsumerError, ConsumerErrorKind, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use async_nats::{HeaderMap, header::NATS_MESSAGE_ID};
 use bytes::Bytes;
@@ -131,12 +131,58 @@ pub async fn ensure_stream(
     spec: StreamSpec,
     limits: &StreamLimits,
 ) -> Result<jetstream::stream::Stream, MessagingError> {
-    js.get_or_create_stream(stream_config(spec, limits))
+    get_or_create(js, &stream_config(spec, limits))
         .await
         .map_err(|source| MessagingError::Stream {
             stream: spec.name,
             source,
         })
+}
+
+/// How long a declaration keeps asking while JetStream is not ready to
+/// answer: a cluster that has just started elects its meta leader and
+/// places replicated streams over a few seconds, and the replicas of a
+/// service race to declare the same stream meanwhile.
+const SETTLE: Duration = Duration::from_secs(30);
+const SETTLE_STEP: Duration = Duration::from_millis(250);
+
+/// JetStream answers that mean "not yet" rather than "no": no meta leader,
+/// no peers placed, or a racing declaration that created the stream first.
+fn not_yet(code: ErrorCode) -> bool {
+    [
+        ErrorCode::CLUSTER_NO_PEERS,
+        ErrorCode::CLUSTER_NOT_ACTIVE,
+        ErrorCode::CLUSTER_NOT_ASSIGNED,
+        ErrorCode::CLUSTER_NOT_AVAILABLE,
+        ErrorCode::CLUSTER_NOT_LEADER,
+        ErrorCode::INSUFFICIENT_RESOURCES,
+        ErrorCode::STREAM_NAME_EXIST,
+    ]
+    .contains(&code)
+}
+
+/// `get_or_create_stream`, asked again while JetStream is still forming.
+async fn get_or_create(
+    js: &jetstream::Context,
+    config: &jetstream::stream::Config,
+) -> Result<jetstream::stream::Stream, CreateStreamError> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let error = match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => error,
+        };
+        let transient = match error.kind() {
+            CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
+            CreateStreamErrorKind::JetStream(e) => not_yet(e.error_code()),
+            _ => false,
+        };
+        if !transient || Instant::now() >= deadline {
+            return Err(error);
+        }
+        tracing::info!(stream = %config.name, %error, "JetStream not ready to declare the stream yet; asking again");
+        tokio::time::sleep(SETTLE_STEP).await;
+    }
 }
 
 /// What [`declare_stream`] did to an existing stream's settings.
@@ -167,10 +213,7 @@ pub async fn declare_stream(
         stream: spec.name,
         source,
     };
-    let mut stream = js
-        .get_or_create_stream(wanted.clone())
-        .await
-        .map_err(error)?;
+    let mut stream = get_or_create(js, &wanted).await.map_err(error)?;
     let current = stream.cached_info().config.clone();
     let mut reconciled = Reconciled::default();
     let mut differences = Vec::new();
@@ -190,7 +233,20 @@ pub async fn declare_stream(
     // which a single server may not match to the copies its config records.
     let running =
         |info: &jetstream::stream::Info| 1 + info.cluster.as_ref().map_or(0, |c| c.replicas.len());
-    let copies = running(stream.cached_info());
+    let mut copies = running(stream.cached_info());
+    // A stream just created on a cluster (by this process or by another
+    // replica racing it) places its copies over a moment: wait for them
+    // rather than "updating" a stream that already has the wanted setting.
+    let placing = Instant::now() + SETTLE;
+    while current.num_replicas == wanted.num_replicas
+        && copies < wanted.num_replicas
+        && Instant::now() < placing
+    {
+        tokio::time::sleep(SETTLE_STEP).await;
+        if let Ok(info) = stream.info().await {
+            copies = running(info);
+        }
+    }
     if current.num_replicas != wanted.num_replicas || copies != wanted.num_replicas.max(1) {
         differences.push(format!("replicas: {copies} -> {}", wanted.num_replicas));
     }
@@ -310,13 +366,31 @@ pub async fn ensure_consumer(
         num_replicas: limits.replicas,
         ..Default::default()
     };
-    stream
-        .get_or_create_consumer(&spec.durable_name, config)
-        .await
-        .map_err(|source| MessagingError::Consumer {
-            consumer: spec.durable_name.clone(),
-            source,
-        })
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let error = match stream
+            .get_or_create_consumer(&spec.durable_name, config.clone())
+            .await
+        {
+            Ok(consumer) => return Ok(consumer),
+            Err(error) => error,
+        };
+        let transient = match error.kind() {
+            ConsumerErrorKind::TimedOut => true,
+            ConsumerErrorKind::JetStream(e) => {
+                not_yet(e.error_code()) || e.error_code() == ErrorCode::CONSUMER_NAME_EXIST
+            }
+            _ => false,
+        };
+        if !transient || Instant::now() >= deadline {
+            return Err(MessagingError::Consumer {
+                consumer: spec.durable_name.clone(),
+                source: error,
+            });
+        }
+        tracing::info!(consumer = %spec.durable_name, %error, "JetStream not ready to declare the consumer yet; asking again");
+        tokio::time::sleep(SETTLE_STEP).await;
+    }
 }
 
 /// One integration event ready to publish.

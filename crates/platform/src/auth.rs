@@ -56,16 +56,27 @@ impl Authenticator {
         cache_for: Duration,
         metrics: &Metrics,
     ) -> Result<Self, StartError> {
-        let url = &settings.url;
-        let mut endpoint = Channel::from_shared(url.clone())
-            .map_err(|e| StartError::setting(format!("APP_USER_SERVICE__URL {url:?}"), e))?
-            .connect_timeout(Duration::from_millis(settings.per_try_timeout_ms));
-        if let Some(tls) = settings.tls.config(url, "APP_USER_SERVICE__TLS__")? {
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| StartError::setting("APP_USER_SERVICE__TLS__*", e))?;
+        // Several replicas: `http://a:1,http://b:2`, balanced.
+        let mut endpoints = Vec::new();
+        for url in crate::net::urls(&settings.url) {
+            let mut endpoint = Channel::from_shared(url.to_owned())
+                .map_err(|e| StartError::setting(format!("APP_USER_SERVICE__URL {url:?}"), e))?
+                .connect_timeout(Duration::from_millis(settings.per_try_timeout_ms))
+                .tcp_nodelay(true);
+            if let Some(tls) = settings.tls.config(url, "APP_USER_SERVICE__TLS__")? {
+                endpoint = endpoint
+                    .tls_config(tls)
+                    .map_err(|e| StartError::setting("APP_USER_SERVICE__TLS__*", e))?;
+            }
+            endpoints.push(endpoint);
         }
-        let channel = endpoint.connect_lazy();
+        if endpoints.is_empty() {
+            return Err(StartError::setting(
+                "APP_USER_SERVICE__URL",
+                "no address given",
+            ));
+        }
+        let channel = crate::net::channel(endpoints);
         Ok(Self {
             client: UserServiceClient::new(channel),
             policy: CallPolicy::new("user-service", settings, metrics),

@@ -9,10 +9,7 @@ use async_nats::jetstream;
 /// to the others, and learns the rest of the cluster from the server).
 #[must_use]
 pub fn servers(url: &str) -> Vec<&str> {
-    url.split(',')
-        .map(str::trim)
-        .filter(|server| !server.is_empty())
-        .collect()
+    crate::net::urls(url)
 }
 
 /// Connects to NATS (any of the servers of `url`, see [`servers`]),

@@ -4,6 +4,28 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+/// The addresses of a setting that lists several, separated by commas (the
+/// replicas of a service, the nodes of a NATS cluster), blanks dropped.
+#[must_use]
+pub fn urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
+/// One channel over `endpoints`: the endpoint itself when there is one,
+/// else balanced over all (power of two choices over the ready ones; an
+/// endpoint that cannot be reached is left out until it reconnects).
+/// Connects lazily either way.
+#[must_use]
+pub fn channel(endpoints: Vec<tonic::transport::Endpoint>) -> tonic::transport::Channel {
+    if let [endpoint] = endpoints.as_slice() {
+        return endpoint.connect_lazy();
+    }
+    tonic::transport::Channel::balance_list(endpoints.into_iter())
+}
+
 /// An address block, e.g. `127.0.0.0/8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Network {

@@ -40,6 +40,8 @@ pub(crate) async fn run_or_start(stack_file: &Path) -> anyhow::Result<()> {
         data_dir: stack_file
             .parent()
             .map_or_else(|| ".shop".into(), Path::to_path_buf),
+        replicas: 1,
+        nats_cluster: 1,
     };
     crate::stack::up(options, |stack| async move {
         run(&stack).await?;
@@ -48,12 +50,9 @@ pub(crate) async fn run_or_start(stack_file: &Path) -> anyhow::Result<()> {
     .await
 }
 
+/// A channel to a service: every replica of it, balanced.
 async fn connect(url: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await?)
+    crate::load::channel(url).await
 }
 
 /// A request carrying `authorization: Bearer <token>`.

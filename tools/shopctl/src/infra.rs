@@ -17,7 +17,7 @@ use sqlx::{Connection as _, PgConnection};
 /// A child process we started and must stop.
 #[derive(Debug)]
 pub(crate) struct Managed {
-    pub(crate) name: &'static str,
+    pub(crate) name: String,
     pub(crate) child: Child,
     /// Signal that asks it to stop quickly but cleanly.
     pub(crate) stop_signal: &'static str,
@@ -65,10 +65,10 @@ impl Managed {
             return;
         }
         if self.signal_and_wait(self.stop_signal, grace).await {
-            tracing::info!(process = self.name, "stopped");
+            tracing::info!(process = %self.name, "stopped");
             return;
         }
-        tracing::warn!(process = self.name, "did not stop in time; killing");
+        tracing::warn!(process = %self.name, "did not stop in time; killing");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -96,7 +96,7 @@ async fn wait_for_port(
     log: &Path,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let what = process.name;
+    let what = process.name.clone();
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -197,43 +197,173 @@ pub(crate) fn install_missing(nats: bool, postgres: bool) -> anyhow::Result<()> 
     run(&install)
 }
 
-/// Starts `nats-server -js` on a free port with its store in `dir`.
-pub(crate) async fn start_nats(dir: &Path) -> anyhow::Result<(Managed, String)> {
-    start_nats_at(dir, free_port()?).await
-}
-
 /// Starts `nats-server -js` on `port` (a restart reuses its port and store).
 pub(crate) async fn start_nats_at(dir: &Path, port: u16) -> anyhow::Result<(Managed, String)> {
+    let node = NatsNode {
+        index: 0,
+        port,
+        cluster: None,
+    };
+    let managed = start_nats_node(dir, &node).await?;
+    Ok((managed, node.url()))
+}
+
+/// One nats-server of the stack: a lone one, or a node of a cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct NatsNode {
+    pub(crate) index: usize,
+    pub(crate) port: u16,
+    /// This node's route port and every node's route URL.
+    cluster: Option<(u16, String)>,
+}
+
+impl NatsNode {
+    /// Ports for a cluster of `size` nodes on loopback (one node: a lone
+    /// server, no cluster).
+    pub(crate) fn plan(size: usize) -> anyhow::Result<Vec<Self>> {
+        let mut nodes = Vec::with_capacity(size);
+        let mut routes = Vec::with_capacity(size);
+        for index in 0..size {
+            let route = free_port()?;
+            routes.push(format!("nats://127.0.0.1:{route}"));
+            nodes.push(Self {
+                index,
+                port: free_port()?,
+                cluster: (size > 1).then_some((route, String::new())),
+            });
+        }
+        let routes = routes.join(",");
+        for node in &mut nodes {
+            if let Some((_, all)) = &mut node.cluster {
+                all.clone_from(&routes);
+            }
+        }
+        Ok(nodes)
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `nats-server`, or `nats-N` in a cluster.
+    pub(crate) fn name(&self) -> String {
+        if self.cluster.is_some() {
+            format!("nats-{}", self.index)
+        } else {
+            "nats-server".to_owned()
+        }
+    }
+
+    /// Where its store and log live under `dir`.
+    fn paths(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        if self.cluster.is_some() {
+            (
+                dir.join(format!("nats-{}", self.index)),
+                dir.join(format!("nats-{}.log", self.index)),
+            )
+        } else {
+            (dir.join("nats"), dir.join("nats.log"))
+        }
+    }
+}
+
+/// Every node's URL, comma-separated (what `APP_NATS_URL` takes).
+pub(crate) fn nats_url(nodes: &[NatsNode]) -> String {
+    nodes
+        .iter()
+        .map(NatsNode::url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Starts `node` (again: a restart reuses its ports and store) and waits
+/// until it listens.
+pub(crate) async fn start_nats_node(dir: &Path, node: &NatsNode) -> anyhow::Result<Managed> {
     let binary = nats_binary().ok_or_else(|| {
         anyhow::anyhow!(
             "nats-server is not installed. Install it with:\n    sudo apt-get install -y nats-server\n\
              or point NATS_SERVER_BIN at a nats-server binary, or pass --nats-url to use a running server."
         )
     })?;
-    let store = dir.join("nats");
+    let (store, log) = node.paths(dir);
     fs::create_dir_all(&store)?;
-    let child = supervised(&binary, "TERM", false)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&store)
-        .stdout(log_file(&dir.join("nats.log"))?)
-        .stderr(log_file(&dir.join("nats.log"))?)
+    let mut command = supervised(&binary, "TERM", false);
+    command
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &node.port.to_string(),
+            "-sd",
+        ])
+        .arg(&store);
+    if let Some((route, routes)) = &node.cluster {
+        command.args([
+            "-n",
+            &format!("shop-nats-{}", node.index),
+            "--cluster_name",
+            "shop",
+            "--cluster",
+            &format!("nats://127.0.0.1:{route}"),
+            "--routes",
+            routes,
+        ]);
+    }
+    let child = command
+        .stdout(log_file(&log)?)
+        .stderr(log_file(&log)?)
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let mut managed = Managed {
-        name: "nats-server",
+        name: node.name(),
         child,
         stop_signal: "TERM",
         pid_file: None,
     };
-    wait_for_port(
-        &mut managed,
-        port,
-        &dir.join("nats.log"),
-        Duration::from_secs(15),
-    )
-    .await?;
-    Ok((managed, format!("nats://127.0.0.1:{port}")))
+    wait_for_port(&mut managed, node.port, &log, Duration::from_secs(15)).await?;
+    Ok(managed)
+}
+
+/// Starts every node of `nodes` and waits until JetStream answers on each
+/// (a cluster has elected its meta leader).
+pub(crate) async fn start_nats_cluster(
+    dir: &Path,
+    nodes: &[NatsNode],
+    started: &mut Vec<Managed>,
+) -> anyhow::Result<()> {
+    for node in nodes {
+        started.push(start_nats_node(dir, node).await?);
+    }
+    for node in nodes {
+        wait_jetstream(&node.url(), Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}
+
+/// Waits until JetStream at `url` answers its info request without error.
+pub(crate) async fn wait_jetstream(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        // The raw API: async-nats cannot parse a 2.9 cluster node's account info.
+        let answer = async {
+            let client = async_nats::connect(url).await?;
+            let reply = client.request("$JS.API.INFO", "".into()).await?;
+            let info: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+            match info.get("error") {
+                Some(error) => anyhow::bail!("{error}"),
+                None => Ok(()),
+            }
+        };
+        match answer.await {
+            Ok(()) => return Ok(()),
+            Err(error) => last = format!("{error:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("JetStream at {url} did not answer within {timeout:?}: {last}")
 }
 
 fn postgres_bin_dir() -> Option<PathBuf> {
@@ -467,7 +597,7 @@ pub(crate) async fn start_postgres_at(dir: &Path, port: u16) -> anyhow::Result<(
         .context("starting postgres")?;
     // The postmaster's pid comes from its pid file (runuser may sit between).
     let mut managed = Managed {
-        name: "postgres",
+        name: "postgres".to_owned(),
         child,
         stop_signal: "INT",
         pid_file: Some(data.join("postmaster.pid")),

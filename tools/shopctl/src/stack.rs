@@ -28,6 +28,32 @@ pub(crate) struct UpOptions {
     /// Where the private servers keep their data, and the stack file.
     #[arg(long, default_value = ".shop")]
     pub(crate) data_dir: PathBuf,
+    /// Processes of each service (clients balance across them; one replica
+    /// at a time runs each relay and projection, the others stand by).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub(crate) replicas: u8,
+    /// nats-server nodes: 1, or a cluster of 3 or 5 on loopback ports with
+    /// every stream replicated 3 times.
+    #[arg(long, default_value_t = 1, value_parser = nats_cluster_size)]
+    pub(crate) nats_cluster: usize,
+}
+
+fn nats_cluster_size(text: &str) -> Result<usize, String> {
+    match text.parse() {
+        Ok(size @ (1 | 3 | 5)) => Ok(size),
+        _ => Err("a NATS cluster has 1, 3 or 5 nodes (a majority must survive a loss)".to_owned()),
+    }
+}
+
+/// One service process of the stack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Instance {
+    /// `order-service`, or `order-service-2` among replicas.
+    pub(crate) name: String,
+    pub(crate) service: String,
+    pub(crate) grpc: String,
+    /// `/metrics`, `/livez`, `/readyz`.
+    pub(crate) admin: String,
 }
 
 /// One process of the stack, as recorded in the stack file.
@@ -51,12 +77,17 @@ pub(crate) enum Then {
 /// Endpoints of a running stack, written to `<data-dir>/stack.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct StackFile {
+    /// gRPC endpoints of each service: every replica's, comma-separated.
     pub(crate) user_service: String,
     pub(crate) order_service: String,
     pub(crate) notification_service: String,
     /// Admin endpoints (`/metrics`, `/livez`, `/readyz`) of user, order and
-    /// notification service.
+    /// notification service (their first replicas).
     pub(crate) admin: [String; 3],
+    /// Every service process.
+    #[serde(default)]
+    pub(crate) instances: Vec<Instance>,
+    /// Every NATS node, comma-separated.
     pub(crate) nats_url: String,
     pub(crate) database_url: String,
     pub(crate) users_database_url: String,
@@ -109,7 +140,7 @@ pub(crate) fn spawn_service(
         .spawn()
         .with_context(|| format!("starting {service}"))?;
     Ok(Managed {
-        name: service,
+        name: service.to_owned(),
         child,
         stop_signal: "TERM",
         pid_file: None,
@@ -201,6 +232,9 @@ where
     result.map_err(|error| crate::Reported(error).into())
 }
 
+/// The services, in start order (user-service first: the others ask it).
+pub(crate) const SERVICES: [&str; 3] = ["user-service", "order-service", "notification-service"];
+
 /// Prometheus file-based service discovery for the running stack.
 pub(crate) const PROMETHEUS_TARGETS: &str = "prometheus-targets.json";
 /// The children of the current (or a crashed) supervisor, one per line.
@@ -271,7 +305,7 @@ fn processes(children: &[&Managed]) -> Vec<Process> {
     children
         .iter()
         .map(|c| Process {
-            name: c.name.to_owned(),
+            name: c.name.clone(),
             pid: c.child.id(),
             start_ticks: start_ticks(c.child.id()).unwrap_or_default(),
         })
@@ -332,13 +366,21 @@ where
 {
     let stop = platform::shutdown::on_signal();
     infra::install_missing(options.nats_url.is_none(), options.postgres_url.is_none())?;
+    if options.nats_url.is_some() && options.nats_cluster > 1 {
+        bail!("--nats-cluster starts the nodes itself; it cannot be given with --nats-url");
+    }
     let nats_url = match &options.nats_url {
         Some(url) => url.clone(),
         None => {
-            let (child, url) = infra::start_nats(data_dir).await?;
-            record_child(data_dir, &child);
-            infrastructure.push(child);
-            url
+            let nodes = infra::NatsNode::plan(options.nats_cluster)?;
+            let mut started = Vec::new();
+            let result = infra::start_nats_cluster(data_dir, &nodes, &mut started).await;
+            for child in started {
+                record_child(data_dir, &child);
+                infrastructure.push(child);
+            }
+            result?;
+            infra::nats_url(&nodes)
         }
     };
     let admin_url = match &options.postgres_url {
@@ -359,54 +401,86 @@ where
         bail!("expected three database URLs");
     };
     let key = signing_key(&data_dir.join("signing.key"))?;
-    // gRPC and admin port of each service.
-    let mut ports = Vec::with_capacity(6);
-    for _ in 0..6 {
-        ports.push(infra::free_port()?);
+    let replicas = usize::from(options.replicas);
+    let mut instances = Vec::new();
+    for service in SERVICES {
+        for replica in 1..=replicas {
+            let name = if replicas == 1 {
+                service.to_owned()
+            } else {
+                format!("{service}-{replica}")
+            };
+            instances.push(Instance {
+                name,
+                service: service.to_owned(),
+                grpc: format!("http://127.0.0.1:{}", infra::free_port()?),
+                admin: format!("http://127.0.0.1:{}", infra::free_port()?),
+            });
+        }
     }
-    let addr = |port: u16| format!("127.0.0.1:{port}");
-    let url = |port: u16| format!("http://127.0.0.1:{port}");
-    let common = |db: &str, grpc: u16, admin: u16| {
-        vec![
-            ("APP_GRPC_ADDR", addr(grpc)),
-            ("APP_ADMIN_ADDR", addr(admin)),
-            ("APP_DATABASE_URL", db.to_owned()),
-            ("APP_NATS_URL", nats_url.clone()),
-        ]
+    let endpoints = |service: &str| {
+        instances
+            .iter()
+            .filter(|i| i.service == service)
+            .map(|i| i.grpc.clone())
+            .collect::<Vec<_>>()
+            .join(",")
     };
-    let mut user_env = common(users_db, ports[0], ports[3]);
-    user_env.push(("APP_AUTH__SIGNING_KEY", key));
-    let mut order_env = common(orders_db, ports[1], ports[4]);
-    order_env.push(("APP_USER_SERVICE__URL", url(ports[0])));
-    let mut notification_env = common(notifications_db, ports[2], ports[5]);
-    notification_env.push(("APP_USER_SERVICE__URL", url(ports[0])));
-    // A local stack posts to local receivers; deployments allow public only.
-    notification_env.push(("APP_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1".to_owned()));
-    for (name, env) in [
-        ("user-service", &user_env),
-        ("order-service", &order_env),
-        ("notification-service", &notification_env),
-    ] {
-        let child = spawn_service(name, env, None)?;
+    let user_service = endpoints("user-service");
+    for instance in &instances {
+        let bare = |url: &str| url.trim_start_matches("http://").to_owned();
+        let mut env = vec![
+            ("APP_GRPC_ADDR", bare(&instance.grpc)),
+            ("APP_ADMIN_ADDR", bare(&instance.admin)),
+            ("APP_NATS_URL", nats_url.clone()),
+        ];
+        if options.nats_cluster > 1 {
+            env.push(("APP_STREAMS__REPLICAS", "3".to_owned()));
+        }
+        match instance.service.as_str() {
+            "user-service" => {
+                env.push(("APP_DATABASE_URL", users_db.clone()));
+                env.push(("APP_AUTH__SIGNING_KEY", key.clone()));
+            }
+            "order-service" => {
+                env.push(("APP_DATABASE_URL", orders_db.clone()));
+                env.push(("APP_USER_SERVICE__URL", user_service.clone()));
+            }
+            _ => {
+                env.push(("APP_DATABASE_URL", notifications_db.clone()));
+                env.push(("APP_USER_SERVICE__URL", user_service.clone()));
+                // A local stack posts to local receivers; deployments allow public only.
+                env.push(("APP_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1".to_owned()));
+            }
+        }
+        let service = SERVICES
+            .into_iter()
+            .find(|s| *s == instance.service)
+            .unwrap_or("user-service");
+        let mut child = spawn_service(service, &env, None)?;
+        child.name.clone_from(&instance.name);
         record_child(data_dir, &child);
         services.push(child);
     }
-    for (name, port) in [
-        ("user-service", ports[0]),
-        ("order-service", ports[1]),
-        ("notification-service", ports[2]),
-    ] {
-        let endpoint = url(port);
+    for instance in &instances {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            healthy = wait_healthy(name, &endpoint, services) => healthy?,
+            healthy = wait_healthy(&instance.name, &instance.grpc, services) => healthy?,
         }
     }
+    let first_admin = |service: &str| {
+        instances
+            .iter()
+            .find(|i| i.service == service)
+            .map(|i| i.admin.clone())
+            .unwrap_or_default()
+    };
     let stack = StackFile {
-        user_service: url(ports[0]),
-        order_service: url(ports[1]),
-        notification_service: url(ports[2]),
-        admin: [url(ports[3]), url(ports[4]), url(ports[5])],
+        user_service,
+        order_service: endpoints("order-service"),
+        notification_service: endpoints("notification-service"),
+        admin: SERVICES.map(first_admin),
+        instances: instances.clone(),
         nats_url: nats_url.clone(),
         database_url: admin_url.clone(),
         users_database_url: users_db.clone(),
@@ -427,32 +501,32 @@ where
     fs::rename(&tmp, data_dir.join("stack.json"))?;
     out!();
     out!("The shop is up:");
+    let interfaces = [
+        "shop.user.v1.UserService",
+        "shop.order.v1.OrderService",
+        "shop.notification.v1.NotificationService",
+    ];
+    for instance in &stack.instances {
+        let interface = SERVICES
+            .iter()
+            .position(|s| *s == instance.service)
+            .map_or("", |i| interfaces[i]);
+        out!(
+            "  {:<23} {}  (gRPC: {interface})  admin {}",
+            instance.name,
+            instance.grpc,
+            instance.admin
+        );
+    }
+    out!("  (admin: /metrics, /livez, /readyz)");
+    out!("  nats                    {}", stack.nats_url);
     out!(
-        "  user-service          {}  (gRPC: shop.user.v1.UserService)",
-        stack.user_service
-    );
-    out!(
-        "  order-service         {}  (gRPC: shop.order.v1.OrderService)",
-        stack.order_service
-    );
-    out!(
-        "  notification-service  {}  (gRPC: shop.notification.v1.NotificationService)",
-        stack.notification_service
-    );
-    out!(
-        "  admin (metrics, livez, readyz)  users {}  orders {}  notifications {}",
-        stack.admin[0],
-        stack.admin[1],
-        stack.admin[2]
-    );
-    out!("  nats                  {}", stack.nats_url);
-    out!(
-        "  postgres              {}",
+        "  postgres                {}",
         platform::config::DatabaseUrl::new(stack.database_url.as_str()).redacted()
     );
-    out!("  data                  {}", data_dir.display());
+    out!("  data                    {}", data_dir.display());
     out!(
-        "  prometheus targets    {}",
+        "  prometheus targets      {}",
         data_dir.join(PROMETHEUS_TARGETS).display()
     );
     out!("All services answer grpc.health.v1 and reflection. Ctrl-C stops everything.");
@@ -477,14 +551,13 @@ where
 /// `[{"targets": ["127.0.0.1:port"], "labels": {"service": "…"}}, …]`, the
 /// shape of Prometheus's `file_sd_configs`.
 fn write_prometheus_targets(data_dir: &Path, stack: &StackFile) -> anyhow::Result<()> {
-    let names = ["user-service", "order-service", "notification-service"];
-    let groups: Vec<_> = names
+    let groups: Vec<_> = stack
+        .instances
         .iter()
-        .zip(&stack.admin)
-        .map(|(name, url)| {
+        .map(|instance| {
             serde_json::json!({
-                "targets": [url.trim_start_matches("http://")],
-                "labels": { "service": name },
+                "targets": [instance.admin.trim_start_matches("http://")],
+                "labels": { "service": instance.service, "instance_name": instance.name },
             })
         })
         .collect();

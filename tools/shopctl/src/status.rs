@@ -102,6 +102,12 @@ async fn service_json(http: &reqwest::Client, name: &str, admin: &str) -> Value 
             )
         })
         .collect();
+    // Followers (relays, projections) this replica runs; the others stand by.
+    let leads: Vec<&str> = metrics
+        .iter()
+        .filter(|s| s.name == "shop_follower_leader" && s.value == 1.0)
+        .filter_map(|s| s.labels.get("name").map(String::as_str))
+        .collect();
     let dead_letters = metrics
         .iter()
         .find(|s| s.name == "shop_dlq_messages")
@@ -115,6 +121,7 @@ async fn service_json(http: &reqwest::Client, name: &str, admin: &str) -> Value 
         "consumer_pending": by_label(&metrics, "shop_consumer_pending_messages", "name"),
         "dead_letters": dead_letters,
         "breakers": Value::Object(breakers),
+        "leads": leads,
     })
 }
 
@@ -140,10 +147,15 @@ pub(crate) async fn show(stack_file: &Path, as_json: bool) -> anyhow::Result<()>
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()?;
-    let names = ["user-service", "order-service", "notification-service"];
     let mut services = Vec::new();
-    for (name, admin_url) in names.iter().zip(&stack.admin) {
-        services.push(service_json(&http, name, admin_url).await);
+    if stack.instances.is_empty() {
+        // A stack file from before replicas.
+        for (name, admin_url) in crate::stack::SERVICES.iter().zip(&stack.admin) {
+            services.push(service_json(&http, name, admin_url).await);
+        }
+    }
+    for instance in &stack.instances {
+        services.push(service_json(&http, &instance.name, &instance.admin).await);
     }
     let projections = match admin::connect_postgres(&stack.orders_database_url).await {
         Ok(pool) => json!(admin::projections_json(&pool).await?),
@@ -234,6 +246,15 @@ fn print_report(report: &Value) {
             s["name"].as_str().unwrap_or_default(),
             health["detail"].as_str().unwrap_or_default()
         );
+        let leads: Vec<&str> = s["leads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !leads.is_empty() {
+            out!("      leads {}", leads.join(", "));
+        }
         for (key, label) in [
             ("relay_lag_events", "relay lag"),
             ("consumer_pending", "consumer backlog"),

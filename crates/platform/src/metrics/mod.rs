@@ -74,6 +74,7 @@ pub struct Metrics {
     events_published: Family<EventType, Counter>,
     events_consumed: Family<Consumed, Counter>,
     relay_lag_events: Family<Name, Gauge>,
+    follower_leader: Family<Name, Gauge>,
     relay_duplicates: Family<Name, Counter>,
     relay_lag_seconds: Family<Name, Gauge<f64, std::sync::atomic::AtomicU64>>,
     consumer_pending: Family<Name, Gauge>,
@@ -109,6 +110,7 @@ impl Metrics {
             events_published: Family::default(),
             events_consumed: Family::default(),
             relay_lag_events: Family::default(),
+            follower_leader: Family::default(),
             relay_duplicates: Family::default(),
             relay_lag_seconds: Family::default(),
             consumer_pending: Family::default(),
@@ -172,6 +174,11 @@ impl Metrics {
             metrics.relay_lag_events.clone(),
         );
         registry.register(
+            "follower_leader",
+            "1 while this process runs the follower (relay, projection) of that name, holding its lock; 0 while it stands by",
+            metrics.follower_leader.clone(),
+        );
+        registry.register(
             "relay_lag_seconds",
             "Age of the oldest committed event the outbox relay has not published yet",
             metrics.relay_lag_seconds.clone(),
@@ -231,6 +238,16 @@ impl Metrics {
         let _ = self.relay_duplicates.get_or_create(&Name {
             name: relay.to_owned(),
         });
+    }
+
+    /// Whether this process leads the follower `name` (one replica per
+    /// database does; the others stand by for its lock).
+    pub fn set_follower_leader(&self, name: &str, leading: bool) {
+        self.follower_leader
+            .get_or_create(&Name {
+                name: name.to_owned(),
+            })
+            .set(i64::from(leading));
     }
 
     /// A publish JetStream acknowledged as a duplicate of a message it

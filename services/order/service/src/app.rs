@@ -129,6 +129,7 @@ impl Application {
         tracing::info!(addr = %self.addr, admin = %self.admin.addr(), "order-service serving");
         let projection_config = TailConfig {
             poll_interval: Duration::from_millis(250),
+            metrics: Some(self.metrics.clone()),
             ..TailConfig::default()
         };
         let background = vec![

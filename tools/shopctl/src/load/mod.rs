@@ -178,14 +178,29 @@ pub(crate) struct Clients {
     pub(crate) orders: OrderServiceClient<Channel>,
 }
 
+/// A channel to `url`, or balanced over every replica when `url` lists
+/// several (comma-separated); a lone endpoint is connected to at once, so
+/// a wrong address fails here.
 pub(crate) async fn channel(url: &str) -> anyhow::Result<Channel> {
-    tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))
+    let endpoint = |url: &str| -> anyhow::Result<tonic::transport::Endpoint> {
+        Ok(tonic::transport::Endpoint::from_shared(url.to_owned())
+            .with_context(|| format!("{url:?} is not a URL"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .tcp_nodelay(true))
+    };
+    match platform::net::urls(url).as_slice() {
+        [] => anyhow::bail!("no address given"),
+        [one] => endpoint(one)?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {one}")),
+        many => Ok(platform::net::channel(
+            many.iter()
+                .map(|u| endpoint(u))
+                .collect::<anyhow::Result<_>>()?,
+        )),
+    }
 }
 
 pub(crate) async fn sign_up(
