@@ -197,17 +197,6 @@ pub(crate) fn install_missing(nats: bool, postgres: bool) -> anyhow::Result<()> 
     run(&install)
 }
 
-/// Starts `nats-server -js` on `port` (a restart reuses its port and store).
-pub(crate) async fn start_nats_at(dir: &Path, port: u16) -> anyhow::Result<(Managed, String)> {
-    let node = NatsNode {
-        index: 0,
-        port,
-        cluster: None,
-    };
-    let managed = start_nats_node(dir, &node).await?;
-    Ok((managed, node.url()))
-}
-
 /// One nats-server of the stack: a lone one, or a node of a cluster.
 #[derive(Debug, Clone)]
 pub(crate) struct NatsNode {
@@ -252,6 +241,12 @@ impl NatsNode {
         } else {
             "nats-server".to_owned()
         }
+    }
+
+    /// The name the server gives itself (what JetStream reports as a
+    /// stream's leader).
+    pub(crate) fn server_name(&self) -> String {
+        format!("shop-nats-{}", self.index)
     }
 
     /// Where its store and log live under `dir`.
@@ -301,7 +296,7 @@ pub(crate) async fn start_nats_node(dir: &Path, node: &NatsNode) -> anyhow::Resu
     if let Some((route, routes)) = &node.cluster {
         command.args([
             "-n",
-            &format!("shop-nats-{}", node.index),
+            &node.server_name(),
             "--cluster_name",
             "shop",
             "--cluster",
@@ -588,6 +583,10 @@ pub(crate) async fn start_postgres_at(dir: &Path, port: u16) -> anyhow::Result<(
             "listen_addresses=127.0.0.1",
             "-c",
             "unix_socket_directories=",
+            // Room for `--replicas 8`: every replica keeps its own pools
+            // (user 10, order 20, notification 24) and follower sessions.
+            "-c",
+            "max_connections=500",
         ])
         .args(extra_settings())
         .stdout(log_file(&log)?)

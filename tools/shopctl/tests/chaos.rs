@@ -64,6 +64,41 @@ fn the_ci_subset_of_scenarios_loses_duplicates_invents_and_diverges_nothing()
 }
 
 #[test]
+fn a_scaled_out_stack_loses_nothing_when_its_relay_leader_or_a_nats_node_dies()
+-> Result<(), Box<dyn std::error::Error>> {
+    // 2 replicas of each service on a 3-node NATS cluster with R3 streams.
+    let (success, outcomes) = chaos(&[
+        "kill-relay-leader,kill-nats-node",
+        "--duration",
+        "12s",
+        "--min-commands",
+        "1000",
+    ])?;
+    assert_eq!(outcomes.len(), 2);
+    for outcome in &outcomes {
+        let name = &outcome["scenario"];
+        for key in ["lost", "duplicated", "unexpected", "diverged"] {
+            assert_eq!(count(outcome, key), 0, "{name}: {key}; {outcome:#}");
+        }
+        // Its checks include the takeover and reconnect times within their bounds.
+        assert_eq!(outcome["passed"], true, "{name}: {outcome:#}");
+    }
+    let figure = |scenario: usize, name: &str| outcomes[scenario]["figures"][name].as_f64();
+    assert!(
+        figure(0, "leader_takeover_s").is_some(),
+        "{:#}",
+        outcomes[0]
+    );
+    assert!(
+        figure(1, "nats_publishing_resumed_s").is_some(),
+        "{:#}",
+        outcomes[1]
+    );
+    assert!(success);
+    Ok(())
+}
+
+#[test]
 fn the_oracle_reports_exactly_the_defects_made_by_hand() -> Result<(), Box<dyn std::error::Error>> {
     let (success, outcomes) = chaos(&[
         "race",

@@ -89,6 +89,9 @@ struct Outcome {
     /// From the end of the load until relay, projections and consumers had
     /// nothing left.
     settled_in_s: Option<f64>,
+    /// Timings the fault measured, in seconds (leader takeover, NATS
+    /// reconnect), each also checked against its documented bound.
+    figures: BTreeMap<&'static str, f64>,
     checks: Vec<Check>,
     /// Why the scenario could not run or settle.
     error: Option<String>,
@@ -104,7 +107,7 @@ fn seconds(d: Duration) -> f64 {
 pub(crate) async fn run(options: ChaosOptions) -> anyhow::Result<()> {
     if options.list {
         for s in scenarios::ALL {
-            out!("{:<20} {}", s.name, s.about);
+            out!("{:<26} {}", s.name, s.about);
         }
         return Ok(());
     }
@@ -171,7 +174,7 @@ fn choose(names: &[String]) -> anyhow::Result<Vec<Scenario>> {
 fn summary(o: &Outcome) -> String {
     let v = &o.verdict;
     let mut line = format!(
-        "{:<19} {}  acknowledged {}  lost {}  duplicated {}  unexpected {}  diverged {}  repeats {}",
+        "{:<25} {}  acknowledged {}  lost {}  duplicated {}  unexpected {}  diverged {}  repeats {}",
         o.scenario,
         if o.passed { "PASS" } else { "FAIL" },
         v.acknowledged,
@@ -190,6 +193,9 @@ fn summary(o: &Outcome) -> String {
     }
     if let Some(s) = o.settled_in_s {
         line.push_str(&format!("  settled {s:.2} s"));
+    }
+    for (figure, s) in &o.figures {
+        line.push_str(&format!("  {figure} {s:.2}"));
     }
     if !o.errors.is_empty() {
         let errors: Vec<String> = o.errors.iter().map(|(c, n)| format!("{c} {n}")).collect();
@@ -236,11 +242,12 @@ async fn run_one(
         first_success_after_heal_s: None,
         ready_after_heal_s: None,
         settled_in_s: None,
+        figures: BTreeMap::new(),
         checks: Vec::new(),
         error: None,
         logs: None,
     };
-    let stack = ChaosStack::start(&dir, db, &prefix, &scenario.tuning()).await;
+    let stack = ChaosStack::start(&dir, db, &prefix, &scenario.tuning(), scenario.topology).await;
     let result = match stack {
         Ok(mut stack) => {
             let result = drive(scenario, options, &mut stack, db, &mut outcome).await;
@@ -277,9 +284,9 @@ async fn drive(
 ) -> anyhow::Result<()> {
     let receiver = testkit::WebhookReceiver::start().await?;
     let mut users_client =
-        UserServiceClient::new(crate::load::channel(stack.grpc(Service::User)).await?);
+        UserServiceClient::new(crate::load::channel(&stack.grpc(Service::User)).await?);
     let notifications = NotificationServiceClient::new(
-        crate::load::channel(stack.grpc(Service::Notification)).await?,
+        crate::load::channel(&stack.grpc(Service::Notification)).await?,
     );
     let run_id = uuid::Uuid::new_v4();
     let mut users = Vec::new();
@@ -297,7 +304,7 @@ async fn drive(
             .context("RegisterWebhook")?;
         users.push(user);
     }
-    let orders = OrderServiceClient::new(crate::load::channel(stack.grpc(Service::Order)).await?);
+    let orders = OrderServiceClient::new(crate::load::channel(&stack.grpc(Service::Order)).await?);
     let started = Instant::now();
     let load = load::Load::start(&orders, &users, options.concurrency, scenario.race);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -312,6 +319,7 @@ async fn drive(
     let ledger = load.finish().await;
     let elapsed = started.elapsed();
     let injected = injected?;
+    outcome.figures.clone_from(&injected.figures);
     outcome.errors = ledger.errors.lock().map(|e| e.clone()).unwrap_or_default();
     outcome.abandoned = ledger.abandoned.load(Ordering::Relaxed);
     let acks = ledger.acks();

@@ -1,13 +1,16 @@
 //! The scenarios: which fault, injected how, healed how, and what each
 //! checks besides the oracle.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use testkit::Link;
 use uuid::Uuid;
 
-use super::stack::{ChaosStack, Database, Peer, Service, Tuning};
+use super::stack::{ChaosStack, Database, Peer, Service, Topology, Tuning};
 
 /// One fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +46,24 @@ pub(crate) enum Fault {
     /// kill -9 of order-service under load (its projections between or
     /// within batches), then a full rebuild of both read models under load.
     Rebuild,
+    /// kill -9 of the order-service replica leading the relay and the
+    /// projections; restarted after `down`.
+    KillLeader { down: Duration },
+    /// kill -9 of one replica of `service` while the others go on;
+    /// restarted after `down`.
+    KillReplica { service: Service, down: Duration },
+    /// kill -9 of `nodes` nats-server nodes of the cluster, the ORDERS
+    /// stream's leader first; restarted after `down`.
+    KillNatsNodes { nodes: usize, down: Duration },
 }
+
+/// A standby replica takes over a dead leader's followers within this
+/// (docs/scaling.md): it asks for the lock every second, and Postgres frees
+/// a killed process's locks as soon as its connection closes.
+pub(crate) const TAKEOVER_BOUND: Duration = Duration::from_secs(5);
+/// Publishing and consuming resume within this after one NATS node dies
+/// (the clients reconnect to another node, the stream elects a new leader).
+pub(crate) const NATS_RESUME_BOUND: Duration = Duration::from_secs(10);
 
 /// A scenario of `shopctl chaos`.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +74,7 @@ pub(crate) struct Scenario {
     /// Every fourth flow races five payments for one version.
     pub(crate) race: bool,
     tuning: fn() -> Tuning,
+    pub(crate) topology: Topology,
 }
 
 impl Scenario {
@@ -115,6 +136,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: signal(Service::Order, "KILL"),
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "kill-notification",
@@ -122,6 +144,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: signal(Service::Notification, "KILL"),
         race: false,
         tuning: pause_before_ack,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "kill-user",
@@ -129,6 +152,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: signal(Service::User, "KILL"),
         race: false,
         tuning: uncached_tokens,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "term-order",
@@ -136,6 +160,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: signal(Service::Order, "TERM"),
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "term-notification",
@@ -143,6 +168,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: signal(Service::Notification, "TERM"),
         race: false,
         tuning: pause_before_ack,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "term-user",
@@ -150,6 +176,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: signal(Service::User, "TERM"),
         race: false,
         tuning: uncached_tokens,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "kill-nats",
@@ -157,6 +184,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: Fault::KillNats { down: secs(3) },
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "nats-outage",
@@ -164,6 +192,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: Fault::KillNats { down: secs(8) },
         race: false,
         tuning: short_duplicate_window,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "postgres-crash",
@@ -171,6 +200,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: Fault::CrashPostgres { down: secs(3) },
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "partition-nats",
@@ -181,6 +211,7 @@ pub(crate) const ALL: &[Scenario] = &[
         },
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "partition-postgres",
@@ -191,6 +222,7 @@ pub(crate) const ALL: &[Scenario] = &[
         },
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "partition-user",
@@ -201,6 +233,7 @@ pub(crate) const ALL: &[Scenario] = &[
         },
         race: false,
         tuning: uncached_tokens,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "latency-user",
@@ -212,6 +245,7 @@ pub(crate) const ALL: &[Scenario] = &[
         },
         race: false,
         tuning: uncached_tokens,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "slow-consumer",
@@ -219,6 +253,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: Fault::SlowConsumer { down: secs(8) },
         race: false,
         tuning: short_ack_wait,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "poison",
@@ -226,6 +261,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: Fault::Poison,
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "race",
@@ -233,6 +269,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: Fault::None,
         race: true,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "relay-gap",
@@ -240,6 +277,7 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: Fault::RelayGap { hold: secs(5) },
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
     },
     Scenario {
         name: "projection-rebuild",
@@ -247,6 +285,48 @@ pub(crate) const ALL: &[Scenario] = &[
         fault: Fault::Rebuild,
         race: false,
         tuning: none,
+        topology: Topology::SINGLE,
+    },
+    Scenario {
+        name: "kill-relay-leader",
+        about: "2 replicas of each service, 3 NATS nodes: kill -9 the order-service replica leading the relay and projections; the other takes over",
+        fault: Fault::KillLeader { down: secs(3) },
+        race: false,
+        tuning: none,
+        topology: Topology::SCALED,
+    },
+    Scenario {
+        name: "kill-notification-replica",
+        about: "2 replicas, 3 NATS nodes: kill -9 one notification-service replica between effect and ack; the other goes on, per-order order holds",
+        fault: Fault::KillReplica {
+            service: Service::Notification,
+            down: secs(3),
+        },
+        race: false,
+        tuning: pause_before_ack,
+        topology: Topology::SCALED,
+    },
+    Scenario {
+        name: "kill-nats-node",
+        about: "2 replicas, 3 NATS nodes, R3 streams: kill -9 the ORDERS stream's leader node, restart after 3 s",
+        fault: Fault::KillNatsNodes {
+            nodes: 1,
+            down: secs(3),
+        },
+        race: false,
+        tuning: none,
+        topology: Topology::SCALED,
+    },
+    Scenario {
+        name: "nats-quorum-loss",
+        about: "2 replicas, 3 NATS nodes: kill -9 two nodes for 6 s; publishing stops, the outbox keeps the backlog, recovery publishes it",
+        fault: Fault::KillNatsNodes {
+            nodes: 2,
+            down: secs(6),
+        },
+        race: false,
+        tuning: none,
+        topology: Topology::SCALED,
     },
 ];
 
@@ -267,6 +347,8 @@ pub(crate) struct Injected {
     pub(crate) slow_duplicates: Option<f64>,
     /// What the fault was seen doing while it lasted.
     pub(crate) checks: Vec<(String, bool)>,
+    /// Timings the fault measured, in seconds (takeover, reconnect).
+    pub(crate) figures: BTreeMap<&'static str, f64>,
 }
 
 const BREAKER: &str = "shop_circuit_breaker_state";
@@ -410,8 +492,247 @@ pub(crate) async fn inject(
                 injected.rebuilt.push((name, generation));
             }
         }
+        Fault::KillLeader { down } => kill_leader(stack, down, &mut injected).await?,
+        Fault::KillReplica { service, down } => {
+            if service == Service::Notification {
+                // Each replica has been handling its share of the work.
+                let mut handled = Vec::new();
+                for replica in 0..stack.replicas() {
+                    handled.push(
+                        stack
+                            .replica_metric(service, replica, CONSUMED, DELIVERED)
+                            .await
+                            .unwrap_or(0.0),
+                    );
+                }
+                injected.checks.push((
+                    format!("every replica delivered notifications before the kill ({handled:?})"),
+                    handled.iter().all(|n| *n > 0.0),
+                ));
+            }
+            stack.signal_replica(service, 0, "KILL").await;
+            tokio::time::sleep(down).await;
+            let healed = Instant::now();
+            injected.healed_at = Some(healed);
+            stack.start_replica_with(service, 0, &[]).await?;
+            injected.ready_after = Some(healed.elapsed());
+        }
+        Fault::KillNatsNodes { nodes, down } => {
+            kill_nats_nodes(stack, nodes, down, &mut injected).await?;
+        }
     }
     Ok(injected)
+}
+
+const CONSUMED: &str = "shop_events_consumed_total";
+const DELIVERED: (&str, &str) = ("outcome", "delivered");
+const PUBLISHED: &str = "shop_events_published_total";
+const ANY: (&str, &str) = ("", "");
+
+async fn published(stack: &ChaosStack) -> Option<f64> {
+    stack.metric(Service::Order, PUBLISHED, ANY).await
+}
+
+async fn consumed(stack: &ChaosStack) -> Option<f64> {
+    stack
+        .metric(Service::Notification, CONSUMED, DELIVERED)
+        .await
+}
+
+fn within(what: String, took: Duration, bound: Duration) -> (String, bool) {
+    (
+        format!(
+            "{what} in {:.2} s (bound {} s)",
+            took.as_secs_f64(),
+            bound.as_secs()
+        ),
+        took <= bound,
+    )
+}
+
+/// Kills the leading order-service replica and times each follower's
+/// takeover by another replica.
+async fn kill_leader(
+    stack: &mut ChaosStack,
+    down: Duration,
+    injected: &mut Injected,
+) -> anyhow::Result<()> {
+    let mut leader = None;
+    for replica in 0..stack.replicas() {
+        let led = stack.leads(Service::Order, replica).await;
+        if !led.is_empty() {
+            leader = Some((replica, led));
+            break;
+        }
+    }
+    let (leader, led) = leader.context("no order-service replica leads a follower")?;
+    let killed = Instant::now();
+    stack.signal_replica(Service::Order, leader, "KILL").await;
+    let mut taken: BTreeMap<String, (usize, Duration)> = BTreeMap::new();
+    while taken.len() < led.len() && killed.elapsed() < Duration::from_secs(30) {
+        for replica in (0..stack.replicas()).filter(|r| *r != leader) {
+            for follower in stack.leads(Service::Order, replica).await {
+                if led.contains(&follower) {
+                    taken.entry(follower).or_insert((replica, killed.elapsed()));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let from = stack.name(Service::Order, leader).to_owned();
+    let mut slowest = Duration::ZERO;
+    for follower in &led {
+        match taken.get(follower) {
+            Some((replica, took)) => {
+                slowest = slowest.max(*took);
+                injected.checks.push(within(
+                    format!(
+                        "{follower}: {} took over from {from} (killed)",
+                        stack.name(Service::Order, *replica)
+                    ),
+                    *took,
+                    TAKEOVER_BOUND,
+                ));
+            }
+            None => injected.checks.push((
+                format!("{follower}: no replica took over from {from} within 30 s"),
+                false,
+            )),
+        }
+    }
+    injected
+        .figures
+        .insert("leader_takeover_s", slowest.as_secs_f64());
+    tokio::time::sleep(down.saturating_sub(killed.elapsed())).await;
+    let healed = Instant::now();
+    injected.healed_at = Some(healed);
+    stack
+        .start_replica_with(Service::Order, leader, &[])
+        .await?;
+    injected.ready_after = Some(healed.elapsed());
+    Ok(())
+}
+
+/// Polls `read` until it exceeds `from`; how long that took, or `None`
+/// within `limit`.
+async fn until_above<F, Fut>(from: f64, limit: Duration, read: F) -> Option<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<f64>>,
+{
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if read().await.is_some_and(|v| v > from) {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+/// Kills `nodes` nats-server nodes, the ORDERS stream's leader first. One
+/// node: publishing and consuming must resume (timed) while it is down.
+/// More (no quorum): publishing must stop and the outbox hold the
+/// backlog; after the restart, publishing resumes (timed).
+async fn kill_nats_nodes(
+    stack: &mut ChaosStack,
+    nodes: usize,
+    down: Duration,
+    injected: &mut Injected,
+) -> anyhow::Result<()> {
+    let total = stack.nats_nodes();
+    anyhow::ensure!(
+        nodes < total,
+        "{nodes} of {total} NATS nodes cannot all be killed here"
+    );
+    let first = stack.stream_leader("ORDERS").await.unwrap_or(0);
+    let victims: Vec<usize> = (0..nodes).map(|i| (first + i) % total).collect();
+    let names: Vec<String> = victims.iter().map(|v| stack.nats_name(*v)).collect();
+    let killed = Instant::now();
+    for victim in &victims {
+        stack.kill_nats_node(*victim).await;
+    }
+    // Counted once the nodes are gone: what moves the counters from here
+    // on went through the surviving nodes.
+    let (p0, c0) = (
+        published(stack).await.unwrap_or(0.0),
+        consumed(stack).await.unwrap_or(0.0),
+    );
+    let killed_what = format!("{} killed (the ORDERS leader first)", names.join(" and "));
+    let limit = down + Duration::from_secs(30);
+    if nodes == 1 {
+        let stack = &*stack;
+        let publishing = until_above(p0, limit, || published(stack)).await;
+        let consuming = until_above(c0, limit, || consumed(stack)).await;
+        for (figure, what, took) in [
+            (
+                "nats_publishing_resumed_s",
+                "publishing resumed",
+                publishing,
+            ),
+            ("nats_consuming_resumed_s", "consuming resumed", consuming),
+        ] {
+            match took {
+                Some(took) => {
+                    injected.figures.insert(figure, took.as_secs_f64());
+                    injected.checks.push(within(
+                        format!("{what} with {killed_what}"),
+                        took,
+                        NATS_RESUME_BOUND,
+                    ));
+                }
+                None => injected.checks.push((
+                    format!("{what} with {killed_what}: not within {limit:?}"),
+                    false,
+                )),
+            }
+        }
+    } else {
+        // Publishes in flight at the kill settle first.
+        let grace = Duration::from_secs(2).min(down / 2);
+        tokio::time::sleep(grace).await;
+        let p1 = published(stack).await.unwrap_or(0.0);
+        tokio::time::sleep(down.saturating_sub(killed.elapsed())).await;
+        let p2 = published(stack).await.unwrap_or(0.0);
+        let backlog = stack
+            .metric(Service::Order, "shop_relay_lag_events", ANY)
+            .await
+            .unwrap_or(0.0);
+        injected.checks.push((
+            format!(
+                "publishing stopped with {killed_what} ({} published in the last {:.1} s of the outage)",
+                p2 - p1,
+                (down - grace).as_secs_f64()
+            ),
+            p2 == p1,
+        ));
+        injected.checks.push((
+            format!("the outbox held the backlog ({backlog} events waiting)"),
+            backlog > 0.0,
+        ));
+    }
+    tokio::time::sleep(down.saturating_sub(killed.elapsed())).await;
+    let healed = Instant::now();
+    injected.healed_at = Some(healed);
+    let before = published(stack).await.unwrap_or(0.0);
+    stack.restart_nats().await?;
+    injected.ready_after = Some(healed.elapsed());
+    if nodes > 1 {
+        let stack = &*stack;
+        match until_above(before, Duration::from_secs(60), || published(stack)).await {
+            Some(_) => {
+                injected.figures.insert(
+                    "nats_publishing_resumed_after_restart_s",
+                    healed.elapsed().as_secs_f64(),
+                );
+            }
+            None => injected.checks.push((
+                "publishing resumed after the restart: not within 60 s".to_owned(),
+                false,
+            )),
+        }
+    }
+    Ok(())
 }
 
 /// Appends an `order.created` for a new order of an existing user (a copy
