@@ -12,7 +12,11 @@ compose.yaml (with the Dockerfile's ENV for its target):
 - services bind 0.0.0.0 in containers, and the `grpc` / `admin` ports the
   manifests declare are the ports the services bind;
 - every probe asks a path the admin server serves, on the admin port;
-- every Secret the prod overlay references is named in deploy/README.md.
+- every Secret the prod overlay references is named in deploy/README.md;
+- the prod overlay runs the topology `shopctl chaos` rehearses (docs/scaling.md):
+  a 3-node NATS StatefulSet, 3-replica streams for every service, at least
+  2 replicas of each service, and the consumers' own names (no
+  APP_CONSUMER_PREFIX override).
 
 Usage: deploy_contract.py --bin DIR --k8s dev.yaml prod.yaml --compose compose.yaml
        --dockerfile Dockerfile --readme deploy/README.md --admin-src admin.rs
@@ -126,6 +130,37 @@ def check_k8s(path, refs, paths, problems):
     return secrets
 
 
+# What `shopctl chaos`'s scaled scenarios run (tools/shopctl/src/chaos/stack.rs).
+NATS_NODES = 3
+STREAM_REPLICAS = "3"
+MIN_SERVICE_REPLICAS = 2
+
+
+def check_prod_topology(path, problems):
+    docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
+    nats = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "nats"]
+    if len(nats) != 1 or nats[0]["spec"].get("replicas") != NATS_NODES:
+        found = [d["spec"].get("replicas") for d in nats]
+        problems.append(f"{path}: expected one nats StatefulSet of {NATS_NODES} nodes, found {found}")
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        if doc["kind"] == "ConfigMap" and name in {f"{s}-config" for s in SERVICES}:
+            data = doc.get("data", {})
+            if data.get("APP_STREAMS__REPLICAS") != STREAM_REPLICAS:
+                problems.append(
+                    f"{path}: {name} sets APP_STREAMS__REPLICAS={data.get('APP_STREAMS__REPLICAS')}, "
+                    f"not {STREAM_REPLICAS}"
+                )
+            if "APP_CONSUMER_PREFIX" in data:
+                problems.append(f"{path}: {name} renames the consumers (APP_CONSUMER_PREFIX)")
+        if doc["kind"] == "Deployment" and name in SERVICES:
+            if doc["spec"].get("replicas", 1) < MIN_SERVICE_REPLICAS:
+                problems.append(
+                    f"{path}: {name} runs {doc['spec'].get('replicas', 1)} replica(s), "
+                    f"fewer than {MIN_SERVICE_REPLICAS}"
+                )
+
+
 def dockerfile_env(dockerfile):
     """ENV per build stage, following `FROM <stage> AS <name>` inheritance."""
     stages, current, env = {}, None, {}
@@ -188,6 +223,7 @@ def main():
     for secret in sorted(secrets_by_file.get(args.prod, set())):
         if f"`{secret}`" not in readme:
             problems.append(f"{args.readme}: the prod overlay needs Secret `{secret}`; name it")
+    check_prod_topology(args.prod, problems)
     check_compose(args.compose, args.dockerfile, refs, problems)
     for problem in problems:
         print(problem)

@@ -70,3 +70,47 @@ async fn a_restart_with_other_stream_settings_applies_them_and_names_what_it_can
     );
     Ok(())
 }
+
+/// A NATS connection that stops answering (the node died, the link went
+/// silent) costs a batch one ack timeout, not one per message in flight:
+/// awaited one by one, each ack's timeout started only when the previous one
+/// ended, and a killed node stalled the relay for its whole step deadline
+/// (found by `shopctl chaos kill-nats-node`).
+#[tokio::test]
+async fn a_silent_connection_costs_a_batch_one_ack_timeout_not_one_per_message()
+-> anyhow::Result<()> {
+    let nats = testkit::NatsServer::start().await?;
+    let upstream = nats.url().trim_start_matches("nats://").parse()?;
+    let link = testkit::TcpProxy::start(upstream).await?;
+    let mut js =
+        async_nats::jetstream::new(async_nats::connect(format!("nats://{}", link.addr())).await?);
+    let limits = StreamLimits {
+        replicas: 1,
+        max_age_secs: 3600,
+        duplicate_window_secs: 120,
+    };
+    ensure_stream(&js, ORDERS_STREAM, &limits).await?;
+    let timeout = Duration::from_millis(300);
+    js.set_timeout(timeout);
+    let messages: Vec<_> = (0..20)
+        .map(|i| messaging::OutboundMessage {
+            subject: "order.created".to_owned(),
+            message_id: format!("silent-{i}"),
+            headers: Vec::new(),
+            payload: b"x".to_vec().into(),
+        })
+        .collect();
+
+    link.set(testkit::Link::Blackhole);
+    let started = std::time::Instant::now();
+    let results = messaging::publish_each(&js, &messages).await;
+    let took = started.elapsed();
+
+    assert!(results.iter().all(Result::is_err), "nothing was acked");
+    // One by one this takes 20 x 300 ms = 6 s; together, about 300 ms.
+    assert!(
+        took < timeout * 6,
+        "{took:?} for 20 messages with a {timeout:?} ack timeout"
+    );
+    Ok(())
+}

@@ -24,11 +24,15 @@
 //!   the session and frees the lock at once; a standby takes over within
 //!   one standby interval.
 //! - A leader cut off from Postgres without its socket closing (a partition,
-//!   a frozen host): the session asks the server for TCP keepalives
-//!   ([`KEEPALIVE_SQL`]), so the server ends it and frees the lock within
-//!   ~10 s; on the leader's side every step on the connection has a
-//!   deadline ([`TailConfig::step_timeout`]), so it gives up, drops the
-//!   connection and stands by itself.
+//!   a frozen process, a proxy in between that keeps the socket open): a
+//!   leader talks to Postgres at least every poll interval, so its session
+//!   asks the server to end it after [`TailConfig::silence_timeout`] of
+//!   silence (`idle_session_timeout`, `idle_in_transaction_session_timeout`), and for TCP keepalives besides
+//!   ([`session_sql`]); either frees the lock, and a standby takes over
+//!   within the silence timeout plus one standby interval. On the leader's
+//!   side every step on the connection has a deadline
+//!   ([`TailConfig::step_timeout`]), so it gives up, drops the connection
+//!   and stands by itself.
 //!
 //! Two leaders are never both *reading and checkpointing*; during a
 //! partition the old one may still publish what it had read, which
@@ -137,6 +141,12 @@ pub struct TailConfig {
     /// Deadline of each step on the leader's connection (a read, a batch);
     /// past it the connection is taken as lost.
     pub step_timeout: Duration,
+    /// The server ends a follower's session silent this long, freeing its
+    /// lock (`idle_in_transaction_session_timeout`, and `idle_session_timeout`
+    /// on Postgres 14 and later). A leader asks
+    /// something at least every `poll_interval`, so keep this well above
+    /// it and above a batch's publish time.
+    pub silence_timeout: Duration,
     /// Where leadership is shown (`shop_follower_leader`).
     pub metrics: Option<platform::metrics::Metrics>,
 }
@@ -149,18 +159,32 @@ impl Default for TailConfig {
             retry_delay: Duration::from_millis(500),
             standby_interval: Duration::from_secs(1),
             step_timeout: Duration::from_secs(30),
+            silence_timeout: Duration::from_secs(5),
             metrics: None,
         }
     }
 }
 
-/// Asks the server to probe the follower's TCP connection and end the
-/// session (freeing the lock) when the peer is gone: ~5 s idle, then 5
-/// probes 1 s apart; unacknowledged data is given up after 10 s.
-pub const KEEPALIVE_SQL: &str = "SELECT set_config('tcp_keepalives_idle', '5', false), \
-     set_config('tcp_keepalives_interval', '1', false), \
-     set_config('tcp_keepalives_count', '5', false), \
-     set_config('tcp_user_timeout', '10000', false)";
+/// Settings of a follower's session, so that the server ends it (freeing
+/// the lock) when the follower is gone without closing its socket: after
+/// `silence` without a statement, inside a transaction (a batch being
+/// applied when the link went silent) or outside one
+/// (`idle_session_timeout`, where the server has it: Postgres 14+), and
+/// when TCP keepalives go unanswered (~5 s idle, then 5 probes 1 s apart;
+/// unacknowledged data given up after 10 s).
+#[must_use]
+pub fn session_sql(silence: Duration) -> String {
+    format!(
+        "SELECT set_config('tcp_keepalives_idle', '5', false), \
+         set_config('tcp_keepalives_interval', '1', false), \
+         set_config('tcp_keepalives_count', '5', false), \
+         set_config('tcp_user_timeout', '10000', false), \
+         set_config('idle_in_transaction_session_timeout', '{silence}', false), \
+         CASE WHEN current_setting('server_version_num')::int >= 140000 \
+              THEN set_config('idle_session_timeout', '{silence}', false) END",
+        silence = silence.as_millis().max(1)
+    )
+}
 
 /// `shop_follower_leader` for one follower, back to 0 when dropped.
 struct Leading<'a> {
@@ -246,8 +270,8 @@ async fn follow<S: Subscriber>(
     let mut conn = step(limit, "connecting", PgConnection::connect(database_url)).await?;
     step(
         limit,
-        "asking for keepalives",
-        sqlx::query(KEEPALIVE_SQL).execute(&mut conn),
+        "setting up the session",
+        sqlx::query(sqlx::AssertSqlSafe(session_sql(config.silence_timeout))).execute(&mut conn),
     )
     .await?;
     if let Some(metrics) = &config.metrics {

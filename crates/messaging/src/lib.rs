@@ -433,17 +433,24 @@ pub async fn publish_each(
                 .map_err(error),
         );
     }
-    let mut results = Vec::with_capacity(pending.len());
-    for (message, sent) in messages.iter().zip(pending) {
-        results.push(match sent {
-            Ok(ack) => ack.await.map_err(|source| MessagingError::Publish {
-                subject: message.subject.clone(),
-                source,
-            }),
-            Err(error) => Err(error),
+    // All acks are awaited together: each ack's timeout starts when it is
+    // first polled, so awaiting them one by one would make a lost
+    // connection cost one timeout per message in flight (a 500-message
+    // batch stalled the relay for its whole 30 s step deadline when a NATS
+    // node died); together they cost one timeout for the batch.
+    let acks = messages
+        .iter()
+        .zip(pending)
+        .map(|(message, sent)| async move {
+            match sent {
+                Ok(ack) => ack.await.map_err(|source| MessagingError::Publish {
+                    subject: message.subject.clone(),
+                    source,
+                }),
+                Err(error) => Err(error),
+            }
         });
-    }
-    results
+    futures::future::join_all(acks).await
 }
 
 /// Publishes every message without waiting in between, then awaits all acks

@@ -64,17 +64,17 @@ fn the_ci_subset_of_scenarios_loses_duplicates_invents_and_diverges_nothing()
 }
 
 #[test]
-fn a_scaled_out_stack_loses_nothing_when_its_relay_leader_or_a_nats_node_dies()
+fn a_scaled_out_stack_loses_nothing_when_its_relay_leader_dies_or_is_cut_off_or_a_nats_node_dies()
 -> Result<(), Box<dyn std::error::Error>> {
     // 2 replicas of each service on a 3-node NATS cluster with R3 streams.
     let (success, outcomes) = chaos(&[
-        "kill-relay-leader,kill-nats-node",
+        "kill-relay-leader,partition-relay-leader,kill-nats-node",
         "--duration",
         "12s",
         "--min-commands",
         "1000",
     ])?;
-    assert_eq!(outcomes.len(), 2);
+    assert_eq!(outcomes.len(), 3);
     for outcome in &outcomes {
         let name = &outcome["scenario"];
         for key in ["lost", "duplicated", "unexpected", "diverged"] {

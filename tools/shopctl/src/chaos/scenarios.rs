@@ -49,6 +49,9 @@ pub(crate) enum Fault {
     /// kill -9 of the order-service replica leading the relay and the
     /// projections; restarted after `down`.
     KillLeader { down: Duration },
+    /// The order-service replica leading the relay and the projections cut
+    /// from Postgres (its socket kept open) for `down`.
+    PartitionLeader { down: Duration },
     /// kill -9 of one replica of `service` while the others go on;
     /// restarted after `down`.
     KillReplica { service: Service, down: Duration },
@@ -61,6 +64,10 @@ pub(crate) enum Fault {
 /// (docs/scaling.md): it asks for the lock every second, and Postgres frees
 /// a killed process's locks as soon as its connection closes.
 pub(crate) const TAKEOVER_BOUND: Duration = Duration::from_secs(5);
+/// Takeover from a leader cut off with its socket open: the server ends
+/// its silent session after 5 s (`TailConfig::silence_timeout`), then a
+/// standby's next ask (every second) gets the lock.
+pub(crate) const PARTITION_TAKEOVER_BOUND: Duration = Duration::from_secs(10);
 /// Publishing and consuming resume within this after one NATS node dies
 /// (the clients reconnect to another node, the stream elects a new leader).
 pub(crate) const NATS_RESUME_BOUND: Duration = Duration::from_secs(10);
@@ -296,6 +303,14 @@ pub(crate) const ALL: &[Scenario] = &[
         topology: Topology::SCALED,
     },
     Scenario {
+        name: "partition-relay-leader",
+        about: "2 replicas, 3 NATS nodes: cut the order-service replica leading the relay and projections from Postgres for 12 s, socket open; the other takes over",
+        fault: Fault::PartitionLeader { down: secs(12) },
+        race: false,
+        tuning: none,
+        topology: Topology::SCALED,
+    },
+    Scenario {
         name: "kill-notification-replica",
         about: "2 replicas, 3 NATS nodes: kill -9 one notification-service replica between effect and ack; the other goes on, per-order order holds",
         fault: Fault::KillReplica {
@@ -492,7 +507,12 @@ pub(crate) async fn inject(
                 injected.rebuilt.push((name, generation));
             }
         }
-        Fault::KillLeader { down } => kill_leader(stack, down, &mut injected).await?,
+        Fault::KillLeader { down } => {
+            depose_leader(stack, Deposed::Killed, down, &mut injected).await?;
+        }
+        Fault::PartitionLeader { down } => {
+            depose_leader(stack, Deposed::Partitioned, down, &mut injected).await?;
+        }
         Fault::KillReplica { service, down } => {
             if service == Service::Notification {
                 // Each replica has been handling its share of the work.
@@ -550,10 +570,21 @@ fn within(what: String, took: Duration, bound: Duration) -> (String, bool) {
     )
 }
 
-/// Kills the leading order-service replica and times each follower's
-/// takeover by another replica.
-async fn kill_leader(
+/// How a scenario takes the leader away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deposed {
+    /// kill -9, restarted after the outage.
+    Killed,
+    /// Its Postgres link blackholed, healed after the outage.
+    Partitioned,
+}
+
+/// Takes the leading order-service replica away and times each follower's
+/// takeover by another replica; after the heal, each follower has one
+/// leader again.
+async fn depose_leader(
     stack: &mut ChaosStack,
+    how: Deposed,
     down: Duration,
     injected: &mut Injected,
 ) -> anyhow::Result<()> {
@@ -567,7 +598,16 @@ async fn kill_leader(
     }
     let (leader, led) = leader.context("no order-service replica leads a follower")?;
     let killed = Instant::now();
-    stack.signal_replica(Service::Order, leader, "KILL").await;
+    let (bound, what) = match how {
+        Deposed::Killed => {
+            stack.signal_replica(Service::Order, leader, "KILL").await;
+            (TAKEOVER_BOUND, "killed")
+        }
+        Deposed::Partitioned => {
+            stack.postgres_link(Service::Order, leader, Link::Blackhole);
+            (PARTITION_TAKEOVER_BOUND, "cut from Postgres")
+        }
+    };
     let mut taken: BTreeMap<String, (usize, Duration)> = BTreeMap::new();
     while taken.len() < led.len() && killed.elapsed() < Duration::from_secs(30) {
         for replica in (0..stack.replicas()).filter(|r| *r != leader) {
@@ -587,11 +627,11 @@ async fn kill_leader(
                 slowest = slowest.max(*took);
                 injected.checks.push(within(
                     format!(
-                        "{follower}: {} took over from {from} (killed)",
+                        "{follower}: {} took over from {from} ({what})",
                         stack.name(Service::Order, *replica)
                     ),
                     *took,
-                    TAKEOVER_BOUND,
+                    bound,
                 ));
             }
             None => injected.checks.push((
@@ -606,10 +646,38 @@ async fn kill_leader(
     tokio::time::sleep(down.saturating_sub(killed.elapsed())).await;
     let healed = Instant::now();
     injected.healed_at = Some(healed);
-    stack
-        .start_replica_with(Service::Order, leader, &[])
-        .await?;
-    injected.ready_after = Some(healed.elapsed());
+    match how {
+        Deposed::Killed => {
+            stack
+                .start_replica_with(Service::Order, leader, &[])
+                .await?;
+            injected.ready_after = Some(healed.elapsed());
+        }
+        Deposed::Partitioned => stack.postgres_link(Service::Order, leader, Link::Up),
+    }
+    // The deposed leader learns it lost the lock when its connection fails
+    // (at the latest its step deadline, 30 s); then one leader per follower.
+    let mut leaders = BTreeMap::new();
+    let settled = Instant::now();
+    while settled.elapsed() < Duration::from_secs(40) {
+        leaders.clear();
+        for replica in 0..stack.replicas() {
+            for follower in stack.leads(Service::Order, replica).await {
+                *leaders.entry(follower).or_insert(0) += 1;
+            }
+        }
+        if led.iter().all(|f| leaders.get(f) == Some(&1)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    injected.checks.push((
+        format!(
+            "one leader per follower after the heal ({leaders:?}, {:.1} s after it)",
+            settled.elapsed().as_secs_f64()
+        ),
+        led.iter().all(|f| leaders.get(f) == Some(&1)),
+    ));
     Ok(())
 }
 

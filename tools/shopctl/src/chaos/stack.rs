@@ -136,6 +136,8 @@ struct Slot {
     admin: String,
     log: PathBuf,
     process: Option<Managed>,
+    /// Its own link to Postgres (order- and notification-service).
+    postgres_link: Option<TcpProxy>,
 }
 
 /// The stack of one scenario.
@@ -153,7 +155,6 @@ pub(crate) struct ChaosStack {
     slots: [Vec<Slot>; 3],
     /// Only before a lone nats-server.
     nats_links: Vec<TcpProxy>,
-    postgres_links: [TcpProxy; 2],
     /// Only with one user-service: several are reached directly.
     user_link: Option<TcpProxy>,
 }
@@ -210,10 +211,14 @@ impl ChaosStack {
                 .get(i)
                 .map_or_else(|| nats_url.clone(), |p| format!("nats://{}", p.addr()))
         };
-        let postgres_links = [
-            TcpProxy::start(db.addr()).await?,
-            TcpProxy::start(db.addr()).await?,
-        ];
+        // One link to Postgres per order- and notification-service process.
+        let mut postgres_links = [Vec::new(), Vec::new(), Vec::new()];
+        for links in &mut postgres_links[1..] {
+            for _ in 0..replicas {
+                links.push(Some(TcpProxy::start(db.addr()).await?));
+            }
+        }
+        postgres_links[0].resize_with(replicas, || None);
         // ports[service][replica] = (grpc, admin)
         let mut ports = Vec::new();
         for _ in Service::ALL {
@@ -241,12 +246,10 @@ impl ChaosStack {
         let key = crate::stack::signing_key(&dir.join("signing.key"))?;
         let mut base = [
             vec![
-                ("APP_DATABASE_URL", urls[0].clone()),
                 ("APP_NATS_URL", nats_url.clone()),
                 ("APP_AUTH__SIGNING_KEY", key),
             ],
             vec![
-                ("APP_DATABASE_URL", via(&postgres_links[0], &urls[1])),
                 ("APP_NATS_URL", nats_for(0)),
                 (
                     "APP_USER_SERVICE__URL",
@@ -256,7 +259,6 @@ impl ChaosStack {
                 ),
             ],
             vec![
-                ("APP_DATABASE_URL", via(&postgres_links[1], &urls[2])),
                 ("APP_NATS_URL", nats_for(1)),
                 ("APP_USER_SERVICE__URL", http_list(&user_grpc)),
                 ("APP_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8".to_owned()),
@@ -271,18 +273,27 @@ impl ChaosStack {
             base[service.index()].push((key, value.clone()));
         }
         let slots = Service::ALL.map(|service| {
+            let links = std::mem::take(&mut postgres_links[service.index()]);
             ports[service.index()]
                 .iter()
+                .zip(links)
                 .enumerate()
-                .map(|(r, (grpc, admin))| {
+                .map(|(r, ((grpc, admin), postgres_link))| {
                     let name = if replicas == 1 {
                         service.name().to_owned()
                     } else {
                         format!("{}-{}", service.name(), r + 1)
                     };
+                    let database = &urls[service.index()];
                     let mut env = vec![
                         ("APP_GRPC_ADDR", format!("127.0.0.1:{grpc}")),
                         ("APP_ADMIN_ADDR", format!("127.0.0.1:{admin}")),
+                        (
+                            "APP_DATABASE_URL",
+                            postgres_link
+                                .as_ref()
+                                .map_or_else(|| database.clone(), |l| via(l, database)),
+                        ),
                         ("RUST_LOG", "warn".to_owned()),
                     ];
                     env.extend(base[service.index()].iter().cloned());
@@ -293,6 +304,7 @@ impl ChaosStack {
                         grpc: format!("http://127.0.0.1:{grpc}"),
                         admin: format!("http://127.0.0.1:{admin}"),
                         process: None,
+                        postgres_link,
                     }
                 })
                 .collect()
@@ -311,7 +323,6 @@ impl ChaosStack {
             notifications_db: urls[2].clone(),
             slots,
             nats_links,
-            postgres_links,
             user_link,
         };
         if let Err(error) = nats {
@@ -527,8 +538,20 @@ impl ChaosStack {
     pub(crate) fn link(&self, peer: Peer, link: Link) {
         match peer {
             Peer::Nats => self.nats_links.iter().for_each(|p| p.set(link)),
-            Peer::Postgres => self.postgres_links.iter().for_each(|p| p.set(link)),
+            Peer::Postgres => self
+                .slots
+                .iter()
+                .flatten()
+                .filter_map(|s| s.postgres_link.as_ref())
+                .for_each(|p| p.set(link)),
             Peer::UserService => self.user_link.iter().for_each(|p| p.set(link)),
+        }
+    }
+
+    /// Cuts, slows or heals one replica's link to Postgres.
+    pub(crate) fn postgres_link(&self, service: Service, replica: usize, link: Link) {
+        if let Some(proxy) = &self.slots[service.index()][replica].postgres_link {
+            proxy.set(link);
         }
     }
 

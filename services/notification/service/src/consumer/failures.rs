@@ -3,12 +3,17 @@
 //! for an order's previous event spends no attempts; failures are counted
 //! per (consumer, event) in Postgres, so they survive restarts.
 
+use std::time::Duration;
+
 use async_nats::jetstream::{self, AckKind};
 use messaging::dlq;
 use uuid::Uuid;
 
 use super::{Deliverer, decode::Decoded};
 use crate::{channels::DeliveryError, store};
+
+/// A waiting message's first wait (see `wait_delay`).
+const WAIT_FIRST_CHECK: Duration = Duration::from_millis(25);
 
 /// Why processing did not finish; all are retried with backoff. Each
 /// failure carries its cause.
@@ -92,6 +97,17 @@ impl Deliverer {
         Ok(())
     }
 
+    /// How long a message waiting for its order's previous event stays away,
+    /// on its `attempts`-th delivery. The predecessor is most often in
+    /// another replica's batch, committed within milliseconds: the first
+    /// checks come soon (25 ms, doubling, jittered), and a long wait (a
+    /// predecessor that is failing) polls gently, at most as often as the
+    /// first retry of a failure.
+    fn wait_delay(&self, attempts: i64) -> Duration {
+        let soon = resilience::Backoff::equal(WAIT_FIRST_CHECK, self.backoff.ceiling(0));
+        soon.delay(u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX))
+    }
+
     /// After a failed or waiting attempt: NAK with a delay, or dead-letter
     /// and terminate once the message has failed `max_deliver` times or
     /// waited `max_wait` for its order's previous event.
@@ -106,12 +122,10 @@ impl Deliverer {
         let subject = message.subject.as_str();
         let (give_up, reason, delay) = match problem {
             Problem::Waiting(_) => match self.store.note_wait(consumer, decoded.event_id).await {
-                // Predecessors come back within an ack wait: poll gently,
-                // without growing the delay as for failures.
                 Ok(waited) => (
                     waited >= self.max_wait,
                     "waited too long",
-                    self.backoff.delay(0),
+                    self.wait_delay(attempts),
                 ),
                 Err(error) => {
                     tracing::warn!(%error, "cannot note the wait; retrying");
