@@ -142,6 +142,11 @@ def check_prod_topology(path, problems):
     if len(nats) != 1 or nats[0]["spec"].get("replicas") != NATS_NODES:
         found = [d["spec"].get("replicas") for d in nats]
         problems.append(f"{path}: expected one nats StatefulSet of {NATS_NODES} nodes, found {found}")
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for service in SERVICES:
+        for kind, name in (("Deployment", service), ("ConfigMap", f"{service}-config")):
+            if (kind, name) not in kinds:
+                problems.append(f"{path}: no {kind} {name}, so its topology cannot be checked")
     for doc in docs:
         name = doc["metadata"]["name"]
         if doc["kind"] == "ConfigMap" and name in {f"{s}-config" for s in SERVICES}:

@@ -43,6 +43,12 @@ pub struct RelayConfig {
     /// Checkpoint name; one per (database, destination).
     pub name: String,
     pub tail: TailConfig,
+    /// How long a batch waits for JetStream's acks before it is sent again
+    /// (all of a batch's acks wait together). Healthy acks take
+    /// milliseconds; a stream electing a new leader after a node died takes
+    /// a second or two. Below the tail's silence timeout, so that waiting
+    /// for acks never costs the relay its leadership.
+    pub publish_timeout: std::time::Duration,
 }
 
 impl RelayConfig {
@@ -51,6 +57,7 @@ impl RelayConfig {
         Self {
             name: name.into(),
             tail: TailConfig::default(),
+            publish_timeout: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -91,6 +98,9 @@ impl<M: IntegrationMapper> Relay<M> {
         mapper: M,
         config: RelayConfig,
     ) -> Self {
+        // The relay's own handle on the context: its ack deadline is its own.
+        let mut js = js;
+        js.set_timeout(config.publish_timeout);
         Self {
             database_url: database_url.into(),
             js,

@@ -27,7 +27,8 @@
 //!   a frozen process, a proxy in between that keeps the socket open): a
 //!   leader talks to Postgres at least every poll interval, so its session
 //!   asks the server to end it after [`TailConfig::silence_timeout`] of
-//!   silence (`idle_session_timeout`, `idle_in_transaction_session_timeout`), and for TCP keepalives besides
+//!   silence (`idle_session_timeout`, `idle_in_transaction_session_timeout`),
+//!   and for TCP keepalives besides
 //!   ([`session_sql`]); either frees the lock, and a standby takes over
 //!   within the silence timeout plus one standby interval. On the leader's
 //!   side every step on the connection has a deadline
@@ -143,9 +144,10 @@ pub struct TailConfig {
     pub step_timeout: Duration,
     /// The server ends a follower's session silent this long, freeing its
     /// lock (`idle_in_transaction_session_timeout`, and `idle_session_timeout`
-    /// on Postgres 14 and later). A leader asks
-    /// something at least every `poll_interval`, so keep this well above
-    /// it and above a batch's publish time.
+    /// on Postgres 14 and later; zero: never). A leader is silent on its
+    /// connection for at most `poll_interval` between batches and for the
+    /// time a batch's handling takes (the relay: at most one publish
+    /// timeout, `RelayConfig::publish_timeout`), so keep this well above both.
     pub silence_timeout: Duration,
     /// Where leadership is shown (`shop_follower_leader`).
     pub metrics: Option<platform::metrics::Metrics>,
@@ -159,7 +161,7 @@ impl Default for TailConfig {
             retry_delay: Duration::from_millis(500),
             standby_interval: Duration::from_secs(1),
             step_timeout: Duration::from_secs(30),
-            silence_timeout: Duration::from_secs(5),
+            silence_timeout: Duration::from_secs(6),
             metrics: None,
         }
     }
@@ -182,7 +184,7 @@ pub fn session_sql(silence: Duration) -> String {
          set_config('idle_in_transaction_session_timeout', '{silence}', false), \
          CASE WHEN current_setting('server_version_num')::int >= 140000 \
               THEN set_config('idle_session_timeout', '{silence}', false) END",
-        silence = silence.as_millis().max(1)
+        silence = silence.as_millis()
     )
 }
 

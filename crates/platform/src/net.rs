@@ -15,9 +15,9 @@ pub fn urls(list: &str) -> Vec<&str> {
 }
 
 /// One channel over `endpoints`: the endpoint itself when there is one,
-/// else balanced over all (power of two choices over the ready ones; an
-/// endpoint that cannot be reached is left out until it reconnects).
-/// Connects lazily either way.
+/// else balanced over all (power of two choices). An endpoint that is down
+/// still gets its share of calls, which fail at once with UNAVAILABLE while
+/// it reconnects: callers retry (docs/scaling.md). Connects lazily either way.
 #[must_use]
 pub fn channel(endpoints: Vec<tonic::transport::Endpoint>) -> tonic::transport::Channel {
     if let [endpoint] = endpoints.as_slice() {

@@ -583,10 +583,11 @@ pub(crate) async fn start_postgres_at(dir: &Path, port: u16) -> anyhow::Result<(
             "listen_addresses=127.0.0.1",
             "-c",
             "unix_socket_directories=",
-            // Room for `--replicas 8`: every replica keeps its own pools
-            // (user 10, order 20, notification 24) and follower sessions.
+            // Room for `--replicas 8` (about 470 connections) and the
+            // tools: every replica keeps its own pools (user 10, order 20,
+            // notification 24), follower sessions and LISTEN connections.
             "-c",
-            "max_connections=500",
+            "max_connections=600",
         ])
         .args(extra_settings())
         .stdout(log_file(&log)?)

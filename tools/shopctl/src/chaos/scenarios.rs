@@ -65,7 +65,7 @@ pub(crate) enum Fault {
 /// a killed process's locks as soon as its connection closes.
 pub(crate) const TAKEOVER_BOUND: Duration = Duration::from_secs(5);
 /// Takeover from a leader cut off with its socket open: the server ends
-/// its silent session after 5 s (`TailConfig::silence_timeout`), then a
+/// its silent session after 6 s (`TailConfig::silence_timeout`), then a
 /// standby's next ask (every second) gets the lock.
 pub(crate) const PARTITION_TAKEOVER_BOUND: Duration = Duration::from_secs(10);
 /// Publishing and consuming resume within this after one NATS node dies
@@ -447,18 +447,18 @@ pub(crate) async fn inject(
             injected.ready_after = Some(healed.elapsed());
         }
         Fault::Partition { peer, down } => {
-            stack.link(peer, Link::Blackhole);
+            stack.link(peer, Link::Blackhole)?;
             let seen = watch_breaker(stack, down).await;
-            stack.link(peer, Link::Up);
+            stack.link(peer, Link::Up)?;
             injected.healed_at = Some(Instant::now());
             if peer == Peer::UserService {
                 breaker_checks(stack, &seen, &mut injected).await;
             }
         }
         Fault::Latency { peer, delay, down } => {
-            stack.link(peer, Link::Latency(delay));
+            stack.link(peer, Link::Latency(delay))?;
             let seen = watch_breaker(stack, down).await;
-            stack.link(peer, Link::Up);
+            stack.link(peer, Link::Up)?;
             injected.healed_at = Some(Instant::now());
             if peer == Peer::UserService {
                 breaker_checks(stack, &seen, &mut injected).await;
@@ -545,6 +545,8 @@ pub(crate) async fn inject(
 }
 
 const CONSUMED: &str = "shop_events_consumed_total";
+/// The order-service relay's follower name.
+const ORDER_RELAY: &str = "outbox:order-events";
 const DELIVERED: (&str, &str) = ("outcome", "delivered");
 const PUBLISHED: &str = "shop_events_published_total";
 const ANY: (&str, &str) = ("", "");
@@ -588,15 +590,16 @@ async fn depose_leader(
     down: Duration,
     injected: &mut Injected,
 ) -> anyhow::Result<()> {
+    // The replica leading the relay (and whatever else it leads).
     let mut leader = None;
     for replica in 0..stack.replicas() {
         let led = stack.leads(Service::Order, replica).await;
-        if !led.is_empty() {
+        if led.iter().any(|f| f == ORDER_RELAY) {
             leader = Some((replica, led));
             break;
         }
     }
-    let (leader, led) = leader.context("no order-service replica leads a follower")?;
+    let (leader, led) = leader.context("no order-service replica leads the relay")?;
     let killed = Instant::now();
     let (bound, what) = match how {
         Deposed::Killed => {
@@ -713,7 +716,8 @@ async fn kill_nats_nodes(
         nodes < total,
         "{nodes} of {total} NATS nodes cannot all be killed here"
     );
-    let first = stack.stream_leader("ORDERS").await.unwrap_or(0);
+    let leader = stack.stream_leader("ORDERS").await;
+    let first = leader.unwrap_or(0);
     let victims: Vec<usize> = (0..nodes).map(|i| (first + i) % total).collect();
     let names: Vec<String> = victims.iter().map(|v| stack.nats_name(*v)).collect();
     let killed = Instant::now();
@@ -722,16 +726,29 @@ async fn kill_nats_nodes(
     }
     // Counted once the nodes are gone: what moves the counters from here
     // on went through the surviving nodes.
-    let (p0, c0) = (
-        published(stack).await.unwrap_or(0.0),
-        consumed(stack).await.unwrap_or(0.0),
+    let p0 = published(stack)
+        .await
+        .context("order-service's metrics do not answer")?;
+    let c0 = consumed(stack)
+        .await
+        .context("notification-service's metrics do not answer")?;
+    let killed_what = format!(
+        "{} killed ({})",
+        names.join(" and "),
+        if leader.is_some() {
+            "the ORDERS leader first"
+        } else {
+            "the ORDERS leader unknown"
+        }
     );
-    let killed_what = format!("{} killed (the ORDERS leader first)", names.join(" and "));
     let limit = down + Duration::from_secs(30);
     if nodes == 1 {
         let stack = &*stack;
-        let publishing = until_above(p0, limit, || published(stack)).await;
-        let consuming = until_above(c0, limit, || consumed(stack)).await;
+        // Both timed from the same moment, concurrently.
+        let (publishing, consuming) = tokio::join!(
+            until_above(p0, limit, || published(stack)),
+            until_above(c0, limit, || consumed(stack)),
+        );
         for (figure, what, took) in [
             (
                 "nats_publishing_resumed_s",
@@ -759,24 +776,36 @@ async fn kill_nats_nodes(
         // Publishes in flight at the kill settle first.
         let grace = Duration::from_secs(2).min(down / 2);
         tokio::time::sleep(grace).await;
-        let p1 = published(stack).await.unwrap_or(0.0);
+        let p1 = published(stack).await;
         tokio::time::sleep(down.saturating_sub(killed.elapsed())).await;
-        let p2 = published(stack).await.unwrap_or(0.0);
-        let backlog = stack
-            .metric(Service::Order, "shop_relay_lag_events", ANY)
-            .await
-            .unwrap_or(0.0);
+        let p2 = published(stack).await;
+        // The backlog as the relay's current leader measures it (a deposed
+        // leader's gauge keeps its last value).
+        let mut backlog = None;
+        for replica in 0..stack.replicas() {
+            if stack
+                .leads(Service::Order, replica)
+                .await
+                .iter()
+                .any(|f| f == ORDER_RELAY)
+            {
+                backlog = stack
+                    .replica_metric(Service::Order, replica, "shop_relay_lag_events", ANY)
+                    .await;
+            }
+        }
         injected.checks.push((
             format!(
-                "publishing stopped with {killed_what} ({} published in the last {:.1} s of the outage)",
-                p2 - p1,
+                "publishing stopped with {killed_what} (published {p1:?} -> {p2:?} in the last {:.1} s of the outage)",
                 (down - grace).as_secs_f64()
             ),
-            p2 == p1,
+            p1.is_some() && p1 == p2,
         ));
         injected.checks.push((
-            format!("the outbox held the backlog ({backlog} events waiting)"),
-            backlog > 0.0,
+            format!(
+                "the outbox held the backlog ({backlog:?} events waiting, by the relay's leader)"
+            ),
+            backlog.is_some_and(|b| b > 0.0),
         ));
     }
     tokio::time::sleep(down.saturating_sub(killed.elapsed())).await;

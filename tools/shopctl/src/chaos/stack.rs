@@ -533,19 +533,26 @@ impl ChaosStack {
         Ok(())
     }
 
-    /// Cuts, slows or heals a link (a no-op for a link the topology does
-    /// not proxy: NATS in a cluster, user-service among replicas).
-    pub(crate) fn link(&self, peer: Peer, link: Link) {
-        match peer {
-            Peer::Nats => self.nats_links.iter().for_each(|p| p.set(link)),
+    /// Cuts, slows or heals a link; an error for a link the topology does
+    /// not proxy (NATS in a cluster, user-service among replicas), so a
+    /// scenario never "cuts" nothing and passes.
+    pub(crate) fn link(&self, peer: Peer, link: Link) -> anyhow::Result<()> {
+        let proxies: Vec<&TcpProxy> = match peer {
+            Peer::Nats => self.nats_links.iter().collect(),
             Peer::Postgres => self
                 .slots
                 .iter()
                 .flatten()
                 .filter_map(|s| s.postgres_link.as_ref())
-                .for_each(|p| p.set(link)),
-            Peer::UserService => self.user_link.iter().for_each(|p| p.set(link)),
-        }
+                .collect(),
+            Peer::UserService => self.user_link.iter().collect(),
+        };
+        anyhow::ensure!(
+            !proxies.is_empty(),
+            "this stack has no fault proxy on the {peer:?} link"
+        );
+        proxies.iter().for_each(|p| p.set(link));
+        Ok(())
     }
 
     /// Cuts, slows or heals one replica's link to Postgres.

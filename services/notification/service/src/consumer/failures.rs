@@ -100,7 +100,7 @@ impl Deliverer {
     /// How long a message waiting for its order's previous event stays away,
     /// on its `attempts`-th delivery. The predecessor is most often in
     /// another replica's batch, committed within milliseconds: the first
-    /// checks come soon (25 ms, doubling, jittered), and a long wait (a
+    /// checks come soon (about 25 ms, doubling, jittered), and a long wait (a
     /// predecessor that is failing) polls gently, at most as often as the
     /// first retry of a failure.
     fn wait_delay(&self, attempts: i64) -> Duration {
@@ -184,14 +184,19 @@ impl Deliverer {
                 }
             };
         }
-        tracing::warn!(
-            %subject,
-            event_id = %decoded.event_id,
-            attempts,
-            ?delay,
-            %problem,
-            "notification not delivered yet; retrying"
-        );
+        if let Problem::Waiting(_) = problem {
+            // Routine across replicas, checked again within milliseconds.
+            tracing::debug!(%subject, event_id = %decoded.event_id, attempts, ?delay, %problem, "waiting for an earlier event");
+        } else {
+            tracing::warn!(
+                %subject,
+                event_id = %decoded.event_id,
+                attempts,
+                ?delay,
+                %problem,
+                "notification not delivered yet; retrying"
+            );
+        }
         AckKind::Nak(Some(delay))
     }
 }
