@@ -304,6 +304,11 @@ struct Up {
 
 impl Up {
     fn start() -> Result<Self, Box<dyn std::error::Error>> {
+        Self::start_with(&[])
+    }
+
+    /// `shopctl up` with `flags` besides its data dir.
+    fn start_with(flags: &[&str]) -> Result<Self, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
         // Its output, for the failure message if it stops early.
@@ -311,6 +316,7 @@ impl Up {
         let child = shopctl()
             .args(["up", "--data-dir"])
             .arg(&data)
+            .args(flags)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
@@ -640,5 +646,90 @@ fn status_shows_a_backlog_and_an_open_breaker_and_sighup_stops_everything()
     };
     assert!(exit.success(), "{exit}");
     assert_all_gone(&pids, Duration::from_secs(10));
+    Ok(())
+}
+
+#[test]
+fn a_scaled_out_stack_runs_the_demo_and_a_load_and_status_shows_every_process_and_its_leaders()
+-> Result<(), Box<dyn std::error::Error>> {
+    let up = Up::start_with(&["--replicas", "2", "--nats-cluster", "3"])?;
+    let stack = up.stack()?;
+    let instances: Vec<&str> = stack["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(
+        instances,
+        [
+            "user-service-1",
+            "user-service-2",
+            "order-service-1",
+            "order-service-2",
+            "notification-service-1",
+            "notification-service-2"
+        ],
+        "{stack:#}"
+    );
+    let names: Vec<String> = up.pids()?.into_iter().map(|(name, _)| name).collect();
+    for node in ["nats-0", "nats-1", "nats-2"] {
+        assert!(names.iter().any(|n| n == node), "{node} in {names:?}");
+    }
+    assert_eq!(
+        stack["nats_url"].as_str().map(|u| u.split(',').count()),
+        Some(3),
+        "every node's URL: {stack:#}"
+    );
+
+    let demo = shopctl()
+        .args(["demo", "--stack-file"])
+        .arg(up.stack_file())
+        .output()?;
+    let story = String::from_utf8_lossy(&demo.stdout);
+    assert!(demo.status.success(), "demo failed:\n{story}");
+    assert!(story.contains("5. Notification via log"), "{story}");
+
+    let load = shopctl()
+        .args([
+            "load",
+            "--concurrency",
+            "4",
+            "--duration",
+            "4s",
+            "--warmup",
+            "1s",
+        ])
+        .args(["--json", "--quiet", "--stack-file"])
+        .arg(up.stack_file())
+        .output()?;
+    let report: serde_json::Value = serde_json::from_slice(&load.stdout)
+        .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&load.stderr)))?;
+    assert!(load.status.success(), "{report:#}");
+    assert!(report["commands_ok"].as_u64() > Some(0), "{report:#}");
+    assert_eq!(report["errors"], 0, "{report:#}");
+    assert_eq!(report["notifications_missing"], 0, "{report:#}");
+
+    // Every replica answers; each follower is led by exactly one of them.
+    let (status, healthy) = up.status_json()?;
+    assert!(healthy, "{status:#}");
+    let services = status["services"].as_array().expect("services");
+    assert_eq!(services.len(), 6, "{status:#}");
+    let mut leaders = std::collections::BTreeMap::new();
+    for service in services {
+        for follower in service["leads"].as_array().into_iter().flatten() {
+            *leaders
+                .entry(follower.as_str().unwrap_or_default().to_owned())
+                .or_insert(0) += 1;
+        }
+    }
+    for follower in [
+        "outbox:user-events",
+        "outbox:order-events",
+        "projection:order_summary@1",
+        "projection:orders_by_user@1",
+    ] {
+        assert_eq!(leaders.get(follower), Some(&1), "{follower}: {status:#}");
+    }
     Ok(())
 }
