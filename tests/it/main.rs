@@ -3,6 +3,7 @@
 //!
 //! Run with `scripts/test`, which makes sure both servers are available.
 
+mod balancing;
 mod cluster;
 mod deploy;
 mod e2e;

@@ -15,15 +15,90 @@ pub fn urls(list: &str) -> Vec<&str> {
 }
 
 /// One channel over `endpoints`: the endpoint itself when there is one,
-/// else balanced over all (power of two choices). An endpoint that is down
-/// still gets its share of calls, which fail at once with UNAVAILABLE while
-/// it reconnects: callers retry (docs/scaling.md). Connects lazily either way.
+/// else balanced over all (power of two choices) that accept connections.
+/// A balanced channel's endpoints are probed every [`PROBE_EVERY`]: one
+/// that refuses or does not answer leaves the balancer, so calls stop going
+/// to a dead replica (tonic's own balancer keeps it and fails its share of
+/// calls with UNAVAILABLE), and it comes back when it accepts again. When
+/// none does, all stay in, so calls fail at once rather than wait.
+/// Connects lazily either way; needs a Tokio runtime when balancing.
 #[must_use]
 pub fn channel(endpoints: Vec<tonic::transport::Endpoint>) -> tonic::transport::Channel {
     if let [endpoint] = endpoints.as_slice() {
         return endpoint.connect_lazy();
     }
-    tonic::transport::Channel::balance_list(endpoints.into_iter())
+    let (channel, changes) = tonic::transport::Channel::balance_channel(endpoints.len().max(1));
+    tokio::spawn(watch(endpoints, changes));
+    channel
+}
+
+/// How often a balanced channel's endpoints are probed.
+pub const PROBE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+type Changes =
+    tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, tonic::transport::Endpoint>>;
+
+/// Keeps the balancer's endpoints to those that accept a TCP connection;
+/// ends when the channel is dropped.
+async fn watch(endpoints: Vec<tonic::transport::Endpoint>, changes: Changes) {
+    use tonic::transport::channel::Change;
+    let mut inside = vec![false; endpoints.len()];
+    let mut first = true;
+    loop {
+        let mut reachable = Vec::with_capacity(endpoints.len());
+        for endpoint in &endpoints {
+            reachable.push(first || accepts(endpoint.uri()).await);
+        }
+        first = false;
+        // None reachable: keep every endpoint in, so calls fail fast.
+        let wanted = if reachable.iter().any(|r| *r) {
+            reachable
+        } else {
+            vec![true; endpoints.len()]
+        };
+        for (key, (endpoint, want)) in endpoints.iter().zip(wanted).enumerate() {
+            if want == inside[key] {
+                continue;
+            }
+            let change = if want {
+                Change::Insert(key, endpoint.clone())
+            } else {
+                tracing::debug!(uri = %endpoint.uri(), "endpoint does not accept connections; calls go to the others");
+                Change::Remove(key)
+            };
+            if changes.send(change).await.is_err() {
+                return;
+            }
+            inside[key] = want;
+        }
+        if changes.is_closed() {
+            return;
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// Whether the endpoint's host accepts a TCP connection within a second.
+async fn accepts(uri: &http::Uri) -> bool {
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    matches!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 /// An address block, e.g. `127.0.0.0/8`.
