@@ -161,28 +161,44 @@ fn not_yet(code: ErrorCode) -> bool {
     .contains(&code)
 }
 
+/// Runs `attempt` again while it fails with an error `not_ready` takes for
+/// "not yet" (a cluster still forming), for at most [`SETTLE`].
+async fn asking_again<T, E, Fut>(
+    what: &str,
+    mut attempt: impl FnMut() -> Fut,
+    not_ready: impl Fn(&E) -> bool,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match attempt().await {
+            Err(error) if not_ready(&error) && Instant::now() < deadline => {
+                tracing::info!(what, %error, "JetStream not ready for the declaration yet; asking again");
+                tokio::time::sleep(SETTLE_STEP).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// `get_or_create_stream`, asked again while JetStream is still forming.
 async fn get_or_create(
     js: &jetstream::Context,
     config: &jetstream::stream::Config,
 ) -> Result<jetstream::stream::Stream, CreateStreamError> {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let error = match js.get_or_create_stream(config.clone()).await {
-            Ok(stream) => return Ok(stream),
-            Err(error) => error,
-        };
-        let transient = match error.kind() {
+    asking_again(
+        &config.name,
+        || js.get_or_create_stream(config.clone()),
+        |error: &CreateStreamError| match error.kind() {
             CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
             CreateStreamErrorKind::JetStream(e) => not_yet(e.error_code()),
             _ => false,
-        };
-        if !transient || Instant::now() >= deadline {
-            return Err(error);
-        }
-        tracing::info!(stream = %config.name, %error, "JetStream not ready to declare the stream yet; asking again");
-        tokio::time::sleep(SETTLE_STEP).await;
-    }
+        },
+    )
+    .await
 }
 
 /// What [`declare_stream`] did to an existing stream's settings.
@@ -366,31 +382,22 @@ pub async fn ensure_consumer(
         num_replicas: limits.replicas,
         ..Default::default()
     };
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let error = match stream
-            .get_or_create_consumer(&spec.durable_name, config.clone())
-            .await
-        {
-            Ok(consumer) => return Ok(consumer),
-            Err(error) => error,
-        };
-        let transient = match error.kind() {
+    asking_again(
+        &spec.durable_name,
+        || stream.get_or_create_consumer(&spec.durable_name, config.clone()),
+        |error: &ConsumerError| match error.kind() {
             ConsumerErrorKind::TimedOut => true,
             ConsumerErrorKind::JetStream(e) => {
                 not_yet(e.error_code()) || e.error_code() == ErrorCode::CONSUMER_NAME_EXIST
             }
             _ => false,
-        };
-        if !transient || Instant::now() >= deadline {
-            return Err(MessagingError::Consumer {
-                consumer: spec.durable_name.clone(),
-                source: error,
-            });
-        }
-        tracing::info!(consumer = %spec.durable_name, %error, "JetStream not ready to declare the consumer yet; asking again");
-        tokio::time::sleep(SETTLE_STEP).await;
-    }
+        },
+    )
+    .await
+    .map_err(|source| MessagingError::Consumer {
+        consumer: spec.durable_name.clone(),
+        source,
+    })
 }
 
 /// One integration event ready to publish.

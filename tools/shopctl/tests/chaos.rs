@@ -37,6 +37,23 @@ fn count(outcome: &Value, key: &str) -> u64 {
     outcome[key].as_u64().unwrap_or(u64::MAX)
 }
 
+/// `scenarios` outcomes, each passed with nothing lost, duplicated,
+/// unexpected or diverged, and at least `acknowledged` commands.
+fn assert_clean(outcomes: &[Value], scenarios: usize, acknowledged: u64) {
+    assert_eq!(outcomes.len(), scenarios, "{outcomes:#?}");
+    for outcome in outcomes {
+        let name = &outcome["scenario"];
+        for key in ["lost", "duplicated", "unexpected", "diverged"] {
+            assert_eq!(count(outcome, key), 0, "{name}: {key}; {outcome:#}");
+        }
+        assert!(
+            count(outcome, "acknowledged") >= acknowledged,
+            "{name}: too little load to mean anything; {outcome:#}"
+        );
+        assert_eq!(outcome["passed"], true, "{name}: {outcome:#}");
+    }
+}
+
 #[test]
 fn the_ci_subset_of_scenarios_loses_duplicates_invents_and_diverges_nothing()
 -> Result<(), Box<dyn std::error::Error>> {
@@ -47,18 +64,7 @@ fn the_ci_subset_of_scenarios_loses_duplicates_invents_and_diverges_nothing()
         "--min-commands",
         "2000",
     ])?;
-    assert_eq!(outcomes.len(), 3);
-    for outcome in &outcomes {
-        let name = &outcome["scenario"];
-        for key in ["lost", "duplicated", "unexpected", "diverged"] {
-            assert_eq!(count(outcome, key), 0, "{name}: {key}; {outcome:#}");
-        }
-        assert!(
-            count(outcome, "acknowledged") >= 2000,
-            "{name}: too little load to mean anything; {outcome:#}"
-        );
-        assert_eq!(outcome["passed"], true, "{name}: {outcome:#}");
-    }
+    assert_clean(&outcomes, 3, 2000);
     assert!(success, "every scenario passed, so the exit status is 0");
     Ok(())
 }
@@ -74,15 +80,8 @@ fn a_scaled_out_stack_loses_nothing_when_its_relay_leader_dies_or_is_cut_off_or_
         "--min-commands",
         "1000",
     ])?;
-    assert_eq!(outcomes.len(), 3);
-    for outcome in &outcomes {
-        let name = &outcome["scenario"];
-        for key in ["lost", "duplicated", "unexpected", "diverged"] {
-            assert_eq!(count(outcome, key), 0, "{name}: {key}; {outcome:#}");
-        }
-        // Its checks include the takeover and reconnect times within their bounds.
-        assert_eq!(outcome["passed"], true, "{name}: {outcome:#}");
-    }
+    // Their checks include the takeover and reconnect times within their bounds.
+    assert_clean(&outcomes, 3, 1000);
     // Each timing was measured (and checked against its bound above).
     let figure = |scenario: &str, figure: &str| {
         outcomes
