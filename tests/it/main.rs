@@ -17,6 +17,7 @@ mod order_api;
 mod orders;
 mod relay;
 mod schema;
+mod shared_reads;
 mod sign_in;
 mod streams;
 mod user_api;

@@ -39,7 +39,7 @@
 //! partition the old one may still publish what it had read, which
 //! JetStream's duplicate window (message id = event id) drops.
 
-use std::{future::Future, time::Duration};
+use std::{collections::VecDeque, future::Future, sync::Arc, time::Duration};
 
 use es::RecordedEvent;
 use sqlx::{Connection as _, PgConnection, Row as _, postgres::PgListener};
@@ -151,6 +151,9 @@ pub struct TailConfig {
     pub silence_timeout: Duration,
     /// Where leadership is shown (`shop_follower_leader`).
     pub metrics: Option<platform::metrics::Metrics>,
+    /// Reads shared with the other followers of the same database in this
+    /// process (see [`SharedReads`]); `None`: every read is the follower's own.
+    pub shared_reads: Option<SharedReads>,
 }
 
 impl Default for TailConfig {
@@ -163,6 +166,7 @@ impl Default for TailConfig {
             step_timeout: Duration::from_secs(30),
             silence_timeout: Duration::from_secs(6),
             metrics: None,
+            shared_reads: None,
         }
     }
 }
@@ -312,6 +316,16 @@ async fn follow<S: Subscriber>(
         stood_by_ms = standing_by.elapsed().as_millis(),
         "leading: following the events table"
     );
+    let shared = config
+        .shared_reads
+        .as_ref()
+        .filter(|reads| reads.database == database_url);
+    // The horizon a read handed over from another follower must have
+    // reached: past every transaction whose wake-up this follower took
+    // (that read saw those commits), and no lower than its own last read.
+    // `u64::MAX` (after a poll or a wake-up without a transaction id):
+    // only a read of its own will do.
+    let mut needed = u64::MAX;
     loop {
         if !step(
             limit,
@@ -322,29 +336,34 @@ async fn follow<S: Subscriber>(
         {
             return Ok(());
         }
-        let batch = step(
-            limit,
-            "reading a batch",
-            read_batch(&mut conn, &cursor, config.batch_size),
-        )
-        .await?;
-        if let Some((last, _)) = batch.last() {
+        let read = match shared {
+            Some(reads) => reads.read(&mut conn, &cursor, config.batch_size, needed),
+            None => Box::pin(Batch::read(&mut conn, &cursor, config.batch_size)),
+        };
+        let batch = step(limit, "reading a batch", read).await?;
+        needed = if batch.own {
+            batch.horizon
+        } else {
+            needed.max(batch.horizon)
+        };
+        let events = batch.events();
+        if let Some((last, _)) = events.last() {
             let last = last.clone();
             step(
                 limit,
                 "handling a batch",
-                subscriber.handle(&mut conn, &batch),
+                subscriber.handle(&mut conn, events),
             )
             .await?;
             cursor = last;
-            if batch.len() as i64 >= config.batch_size {
+            if batch.more {
                 continue;
             }
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             notification = listener.recv() => {
-                notification?;
+                needed = needed.max(committed(&notification?));
                 // Commits that landed while the last batch was handled each
                 // sent a notification; one read answers them all. Only what
                 // is already received is taken (never a wait), and at most
@@ -353,13 +372,201 @@ async fn follow<S: Subscriber>(
                 // consumed only once it is whole.
                 for _ in 0..DRAIN {
                     match futures::FutureExt::now_or_never(listener.recv()) {
-                        Some(more) => { more?; }
+                        Some(more) => needed = needed.max(committed(&more?)),
                         None => break,
                     }
                 }
             }
-            () = tokio::time::sleep(config.poll_interval) => {}
+            () = tokio::time::sleep(config.poll_interval) => needed = u64::MAX,
         }
+    }
+}
+
+/// The horizon a read must have passed to have seen the commit behind
+/// `notification` (its payload is the transaction id; `u64::MAX` if it has
+/// none, e.g. from a trigger older than the payload).
+fn committed(notification: &sqlx::postgres::PgNotification) -> u64 {
+    notification
+        .payload()
+        .parse::<u64>()
+        .map_or(u64::MAX, |tx| tx.saturating_add(1))
+}
+
+/// Events a follower read (or was handed from a shared read), from `from`.
+#[derive(Debug)]
+struct Batch {
+    read: Arc<Vec<(Cursor, RecordedEvent)>>,
+    from: usize,
+    to: usize,
+    /// The read stopped at its limit: more may follow at once.
+    more: bool,
+    /// `pg_snapshot_xmin` of the read: every transaction below it had
+    /// finished, and the read holds all their events past its cursor.
+    horizon: u64,
+    /// Read by this follower (not handed over).
+    own: bool,
+}
+
+impl Batch {
+    async fn read(
+        conn: &mut PgConnection,
+        cursor: &Cursor,
+        limit: i64,
+    ) -> Result<Self, sqlx::Error> {
+        let (events, horizon) = read_with_horizon(conn, cursor, limit).await?;
+        let more = events.len() as i64 >= limit;
+        Ok(Self {
+            to: events.len(),
+            read: Arc::new(events),
+            from: 0,
+            more,
+            horizon,
+            own: true,
+        })
+    }
+
+    fn events(&self) -> &[(Cursor, RecordedEvent)] {
+        &self.read[self.from..self.to]
+    }
+}
+
+/// A read one follower made, kept for the others.
+#[derive(Debug)]
+struct Recent {
+    /// Cursor the read started after.
+    after: Cursor,
+    events: Arc<Vec<(Cursor, RecordedEvent)>>,
+    full: bool,
+    horizon: u64,
+}
+
+/// Reads shared by the followers of one database in one process.
+///
+/// The relay and the projections advance in step: each woken by the same
+/// commit would read the same events on its own connection, decode them
+/// and hand them on. With shared reads, the first follower to read after a
+/// wake-up queries Postgres and keeps the result; a follower whose cursor is
+/// where that read started, or on one of its events, takes the rest of it
+/// instead of querying. This is safe because a read is gap-safe as a whole
+/// ([`read_batch`]): it holds every event after its start cursor whose
+/// transaction is below its horizon, and nothing can appear below that
+/// horizon any more, so any suffix of it is exactly what a read from that
+/// event's cursor would have returned. A read whose horizon is not past
+/// every transaction whose wake-up the follower took (the wake-up names the
+/// transaction) is older than a commit it was told about: the follower
+/// handles its events and reads again at once, so it never waits for the
+/// next wake-up with such a commit unread; after a poll it reads on its own.
+/// Each follower still checkpoints on its own connection, where its
+/// leadership lock is.
+#[derive(Debug, Clone)]
+pub struct SharedReads {
+    database: String,
+    recent: Arc<tokio::sync::Mutex<VecDeque<Recent>>>,
+    counts: Arc<ReadCounts>,
+}
+
+/// How the reads of followers with [`SharedReads`] were answered.
+#[derive(Debug, Default)]
+struct ReadCounts {
+    queried: std::sync::atomic::AtomicU64,
+    handed_over: std::sync::atomic::AtomicU64,
+}
+
+/// Reads kept: enough for followers a few batches apart.
+const KEPT_READS: usize = 8;
+/// Longest a follower waits for another's read in flight before it reads
+/// on its own (a read takes about a millisecond; a connection in trouble
+/// must not hold up the others).
+const SHARED_WAIT: Duration = Duration::from_millis(100);
+
+type BatchRead<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Batch, sqlx::Error>> + Send + 'a>>;
+
+impl SharedReads {
+    /// Shared reads for the followers of `database_url` (a follower of any
+    /// other database reads on its own).
+    #[must_use]
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database: database_url.into(),
+            recent: Arc::default(),
+            counts: Arc::default(),
+        }
+    }
+
+    /// Reads so far: (queried from Postgres, handed over from a kept read).
+    #[must_use]
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counts.queried.load(Relaxed),
+            self.counts.handed_over.load(Relaxed),
+        )
+    }
+
+    fn count(&self, counter: impl Fn(&ReadCounts) -> &std::sync::atomic::AtomicU64) {
+        counter(&self.counts).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn read<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        cursor: &'a Cursor,
+        limit: i64,
+        needed: u64,
+    ) -> BatchRead<'a> {
+        Box::pin(async move {
+            let Ok(mut recent) = tokio::time::timeout(SHARED_WAIT, self.recent.lock()).await else {
+                self.count(|c| &c.queried);
+                return Batch::read(conn, cursor, limit).await;
+            };
+            if let Some(batch) = Self::kept(&recent, cursor, limit, needed) {
+                self.count(|c| &c.handed_over);
+                return Ok(batch);
+            }
+            self.count(|c| &c.queried);
+            let batch = Batch::read(conn, cursor, limit).await?;
+            if recent.len() == KEPT_READS {
+                recent.pop_front();
+            }
+            recent.push_back(Recent {
+                after: cursor.clone(),
+                events: Arc::clone(&batch.read),
+                full: batch.more,
+                horizon: batch.horizon,
+            });
+            Ok(batch)
+        })
+    }
+
+    /// The part of a kept read that answers a read from `cursor`, if any.
+    fn kept(recent: &VecDeque<Recent>, cursor: &Cursor, limit: i64, needed: u64) -> Option<Batch> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX).max(1);
+        recent.iter().rev().find_map(|read| {
+            let from = if read.after == *cursor {
+                0
+            } else {
+                read.events.iter().position(|(c, _)| c == cursor)? + 1
+            };
+            // Older than a commit the follower was told about: its events
+            // are still right, but more may follow them at once.
+            let stale = read.horizon < needed;
+            // A read that ends at the cursor says nothing about what came
+            // after it, unless it was complete (then: nothing, up to its
+            // horizon) and recent enough.
+            if from == read.events.len() && (read.full || stale) {
+                return None;
+            }
+            let to = read.events.len().min(from + limit);
+            Some(Batch {
+                read: Arc::clone(&read.events),
+                from,
+                to,
+                more: to < read.events.len() || read.full || stale,
+                horizon: read.horizon,
+                own: false,
+            })
+        })
     }
 }
 
@@ -374,11 +581,24 @@ pub async fn read_batch(
     cursor: &Cursor,
     limit: i64,
 ) -> Result<Vec<(Cursor, RecordedEvent)>, sqlx::Error> {
+    Ok(read_with_horizon(conn, cursor, limit).await?.0)
+}
+
+/// [`read_batch`] and the horizon it read below (`pg_snapshot_xmin`).
+async fn read_with_horizon(
+    conn: &mut PgConnection,
+    cursor: &Cursor,
+    limit: i64,
+) -> Result<(Vec<(Cursor, RecordedEvent)>, u64), sqlx::Error> {
+    // One snapshot for the statement: the horizon is the one the rows were
+    // read below, and it comes back even when no row does.
     let sql = format!(
-        "SELECT tx_id::text AS tx_text, {EVENT_COLUMNS} FROM events \
-         WHERE (tx_id, position) > ($1::text::xid8, $2) \
-           AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY tx_id, position LIMIT $3"
+        "SELECT h.horizon::text AS horizon_text, e.* \
+         FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h \
+         LEFT JOIN LATERAL ( \
+             SELECT tx_id::text AS tx_text, {EVENT_COLUMNS} FROM events \
+             WHERE (tx_id, position) > ($1::text::xid8, $2) AND tx_id < h.horizon \
+             ORDER BY tx_id, position LIMIT $3) e ON true"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&cursor.tx_id)
@@ -386,14 +606,26 @@ pub async fn read_batch(
         .bind(limit)
         .fetch_all(conn)
         .await?;
-    rows.iter()
-        .map(|row| {
-            let event = recorded_event(row)?;
-            let cursor = Cursor {
-                tx_id: row.try_get("tx_text")?,
+    let horizon = match rows.first() {
+        Some(row) => row
+            .try_get::<String, _>("horizon_text")?
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        None => 0,
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(tx_id) = row.try_get::<Option<String>, _>("tx_text")? else {
+            continue;
+        };
+        let event = recorded_event(row)?;
+        events.push((
+            Cursor {
+                tx_id,
                 position: event.position,
-            };
-            Ok((cursor, event))
-        })
-        .collect()
+            },
+            event,
+        ));
+    }
+    Ok((events, horizon))
 }

@@ -257,6 +257,8 @@ pub async fn run<P: Projection>(
                         let mut config = config.clone();
                         if generation != status.live_generation {
                             config.batch_size = config.batch_size.max(REBUILD_BATCH);
+                            // Far behind the others: its reads are its own.
+                            config.shared_reads = None;
                         }
                         tokio::spawn(tail::run(
                             database_url.clone(),

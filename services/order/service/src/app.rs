@@ -3,7 +3,10 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use contracts::order::v1::order_service_server::OrderServiceServer;
-use es_postgres::{EventStore, Relay, RelayConfig, projection, tail::TailConfig};
+use es_postgres::{
+    EventStore, Relay, RelayConfig, projection,
+    tail::{SharedReads, TailConfig},
+};
 use platform::{
     StartError,
     admin::{AdminServer, Readiness},
@@ -34,6 +37,7 @@ pub struct Application {
     relay: Relay<OrderEvents>,
     pool: sqlx::PgPool,
     database_url: platform::config::DatabaseUrl,
+    shared_reads: SharedReads,
     metrics: Metrics,
     readiness: Readiness,
     tls: Option<tonic::transport::ServerTlsConfig>,
@@ -62,11 +66,16 @@ impl Application {
             .map_err(|e| StartError::nats(&settings.nats_url, e))?;
         let metrics = Metrics::new();
         metrics.set_build_info("order-service", env!("CARGO_PKG_VERSION"));
+        // The relay and both projections read the same events: one read
+        // serves the three (see `tail::SharedReads`).
+        let shared_reads = SharedReads::new(settings.database_url.expose());
+        let mut relay_config = RelayConfig::new("order-events");
+        relay_config.tail.shared_reads = Some(shared_reads.clone());
         let relay = Relay::new(
             settings.database_url.expose(),
             js,
             OrderEvents,
-            RelayConfig::new("order-events"),
+            relay_config,
         )
         .with_metrics(metrics.clone());
         let auth = Authenticator::new(
@@ -101,6 +110,7 @@ impl Application {
             relay,
             pool,
             database_url: settings.database_url,
+            shared_reads,
             metrics,
             readiness,
             tls,
@@ -130,6 +140,7 @@ impl Application {
         let projection_config = TailConfig {
             poll_interval: Duration::from_millis(250),
             metrics: Some(self.metrics.clone()),
+            shared_reads: Some(self.shared_reads),
             ..TailConfig::default()
         };
         let background = vec![
