@@ -8,6 +8,7 @@ mod cluster;
 mod deploy;
 mod e2e;
 mod fuzz;
+mod group_commit;
 mod helpers;
 mod hostile;
 mod notification_api;

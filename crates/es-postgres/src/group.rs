@@ -6,11 +6,13 @@
 //! next request at once, so a lone command pays no wait; while every writer
 //! is busy requests accumulate, and the next free writer takes all that are
 //! waiting (up to `max_batch`) as one batch. A batch is one `INSERT` of every
-//! event (writable CTEs add the idempotency keys and snapshots). If it fails
-//! for any reason (a version conflict, a reused key, a lost connection), the
-//! batch's requests are appended one by one instead, so each caller gets the
-//! answer its own command deserves; conflicts are rare (one order is rarely
-//! written by two clients at the same moment), so this costs little.
+//! event (writable CTEs add the idempotency keys and snapshots); commands on
+//! a stream or with a key already in the batch go in a next part, committed
+//! after it. If a part fails for any reason (a version conflict, a reused
+//! key, a lost connection), its requests are appended one by one instead, so
+//! each caller gets the answer its own command deserves; conflicts are rare
+//! (one order is rarely written by two clients at the same moment), so this
+//! costs little.
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -107,7 +109,40 @@ fn groupable(batch: &[Request]) -> bool {
         })
 }
 
+/// Splits a batch into parts with no stream or key twice, in queue order:
+/// each request goes to the first part that has neither its stream nor its
+/// key yet. A later request on the same stream lands in a later part, which
+/// is committed after, so one stream's appends keep their order.
+fn parts(batch: Vec<Request>) -> Vec<Vec<Request>> {
+    let mut parts: Vec<(HashSet<String>, HashSet<String>, Vec<Request>)> = Vec::new();
+    for request in batch {
+        let key = request.idempotency_key.as_ref().map(|k| k.key.clone());
+        let slot = parts.iter().position(|(streams, keys, _)| {
+            !streams.contains(&request.stream_id) && key.as_ref().is_none_or(|k| !keys.contains(k))
+        });
+        let slot = slot.unwrap_or_else(|| {
+            parts.push((HashSet::new(), HashSet::new(), Vec::new()));
+            parts.len() - 1
+        });
+        let (streams, keys, part) = &mut parts[slot];
+        streams.insert(request.stream_id.clone());
+        keys.extend(key);
+        part.push(request);
+    }
+    parts.into_iter().map(|(_, _, part)| part).collect()
+}
+
+/// Commits a batch: each part ([`parts`]) as one statement, one after the
+/// other, so two commands on one stream (a retry racing its original, two
+/// clients on one order) cost the batch one more statement, not one per
+/// command.
 async fn commit(pool: &PgPool, batch: Vec<Request>) {
+    for part in parts(batch) {
+        commit_part(pool, part).await;
+    }
+}
+
+async fn commit_part(pool: &PgPool, batch: Vec<Request>) {
     if groupable(&batch) {
         match append_group(pool, &batch).await {
             Ok(results) if results.len() == batch.len() => {

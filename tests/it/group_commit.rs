@@ -1,0 +1,112 @@
+//! Group commit (`es_postgres::group`) with one writer, as order-service
+//! runs it: commands that queue up go in one transaction, and each caller
+//! still gets the answer its own command would have had alone.
+
+use std::time::Duration;
+
+use es::EventContext;
+use es_postgres::{AppendError, EventStore, IdempotencyKey, NewEvent};
+use testkit::TestDb;
+
+fn event() -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "test.happened",
+        schema_version: 1,
+        payload: serde_json::json!({"n": 1}),
+        occurred_at: chrono::Utc::now(),
+    }
+}
+
+fn key(name: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        key: name.to_owned(),
+        fingerprint: "same".to_owned(),
+    }
+}
+
+/// 64 appends at once through one writer: 32 to streams of their own, 8
+/// pairs racing for the first version of one stream, 8 pairs using one
+/// idempotency key on different streams. Every lone append lands, each race
+/// has exactly one winner and one conflict, each key one append and one
+/// duplicate; the lone appends shared transactions (they were grouped).
+#[tokio::test]
+async fn queued_appends_commit_together_and_each_gets_its_own_answer() -> anyhow::Result<()> {
+    testkit::init_logging();
+    let db = TestDb::create("group_commit").await?;
+    let pool = db.pool()?;
+    platform::db::migrate(&pool, vec![es_postgres::migrator()], Duration::from_secs(5)).await?;
+    let store = EventStore::new(pool.clone()).with_group_commit(1, 128);
+    let context = EventContext::new("test");
+
+    let append = |stream: String, key: Option<IdempotencyKey>| {
+        let (store, context) = (store.clone(), context.clone());
+        tokio::spawn(async move {
+            store
+                .append(&stream, 0, &[event()], &context, key.as_ref(), None)
+                .await
+        })
+    };
+    let lone: Vec<_> = (0..32).map(|i| append(format!("lone-{i}"), None)).collect();
+    let races: Vec<_> = (0..8)
+        .map(|j| {
+            [
+                append(format!("race-{j}"), None),
+                append(format!("race-{j}"), None),
+            ]
+        })
+        .collect();
+    let keyed: Vec<_> = (0..8)
+        .map(|j| {
+            [
+                append(format!("keyed-{j}-a"), Some(key(&format!("key-{j}")))),
+                append(format!("keyed-{j}-b"), Some(key(&format!("key-{j}")))),
+            ]
+        })
+        .collect();
+
+    let mut positions = std::collections::HashSet::new();
+    for task in lone {
+        let appended = task.await??;
+        assert_eq!(appended.version, 1);
+        assert!(
+            positions.insert(appended.position),
+            "a position answered twice"
+        );
+    }
+    for [a, b] in races {
+        let (a, b) = (a.await?, b.await?);
+        let conflicts = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, Err(AppendError::Conflict { .. })))
+            .count();
+        assert_eq!(conflicts, 1, "one winner, one conflict: {a:?} {b:?}");
+        assert!(a.is_ok() || b.is_ok());
+    }
+    for [a, b] in keyed {
+        let (a, b) = (a.await?, b.await?);
+        let duplicates = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, Err(AppendError::DuplicateKey)))
+            .count();
+        assert_eq!(duplicates, 1, "one append, one duplicate key: {a:?} {b:?}");
+        assert!(a.is_ok() || b.is_ok());
+    }
+
+    let (events, transactions): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT tx_id) FROM events")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(events, 32 + 8 + 8, "exactly the winners' events are stored");
+    let (lone_events, lone_transactions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT tx_id) FROM events WHERE stream_id LIKE 'lone-%'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(lone_events, 32);
+    assert!(
+        lone_transactions < lone_events,
+        "queued appends were committed together ({lone_transactions} transactions for {lone_events}; {transactions} in all)"
+    );
+    Ok(())
+}
