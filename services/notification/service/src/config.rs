@@ -45,6 +45,9 @@ pub struct Settings {
     pub max_wait_secs: u64,
     /// `APP_CONSUMER_LANES`: messages handled at once per consumer, in
     /// parallel across orders (one order's messages always share a lane).
+    /// Each lane commits its own batches: fewer lanes make fewer, larger
+    /// transactions; more keep one slow endpoint from holding up more
+    /// orders (ADR 16).
     pub consumer_lanes: usize,
     /// `APP_CONSUMER_BATCH`: most messages one lane handles in one
     /// transaction (it takes what has queued up, so one when idle).
@@ -132,7 +135,7 @@ impl Default for Settings {
             ack_wait_secs: 30,
             max_deliver: 8,
             max_wait_secs: 600,
-            consumer_lanes: 4,
+            consumer_lanes: 2,
             consumer_batch: 64,
             limits: UserLimits::default(),
             retry_base_ms: 500,

@@ -28,7 +28,9 @@ pub struct Settings {
     pub snapshot_every: i64,
     /// `APP_APPEND_WRITERS`: concurrent appends; commands that queue behind
     /// them are group-committed, up to `APP_APPEND_BATCH` per statement.
-    /// 0 turns group commit off (one statement per command).
+    /// 0 turns group commit off (one statement per command). One writer
+    /// makes the largest batches; more help only a Postgres with cores to
+    /// spare (ADR 16).
     pub append_writers: usize,
     pub append_batch: usize,
     /// `APP_AGGREGATE_CACHE`: orders whose latest state a replica keeps, so
@@ -55,7 +57,7 @@ impl Default for Settings {
             user_service: platform::auth::default_user_service(),
             token_cache_secs: 30,
             snapshot_every: 50,
-            append_writers: 4,
+            append_writers: 1,
             append_batch: 128,
             aggregate_cache: 10_000,
             read_your_writes_timeout_ms: 3000,
