@@ -110,3 +110,65 @@ async fn queued_appends_commit_together_and_each_gets_its_own_answer() -> anyhow
     );
     Ok(())
 }
+
+/// Three appends queued behind a busy writer, in this order: r1 on stream A
+/// with key K (it conflicts: A is already at version 1), r2 on stream B with
+/// key K, r3 on stream B with key K2. In queue order r1 fails, so r2 gets K
+/// and B's first version, and r3 conflicts. Committed out of order (r3
+/// with r1, before r2), r3 would win B and r2 conflict.
+#[tokio::test]
+async fn a_batch_split_by_a_stream_or_key_answers_in_queue_order() -> anyhow::Result<()> {
+    testkit::init_logging();
+    let db = TestDb::create("group_order").await?;
+    let pool = db.pool()?;
+    platform::db::migrate(&pool, vec![es_postgres::migrator()], Duration::from_secs(5)).await?;
+    let store = EventStore::new(pool.clone()).with_group_commit(1, 128);
+    let context = EventContext::new("test");
+    store
+        .append("stream-a", 0, &[event()], &context, None, None)
+        .await?;
+
+    // The writer is held on r0 until `blocker` ends: r0 waits for the
+    // uncommitted first version of its stream.
+    let mut blocker = pool.begin().await?;
+    es_postgres::store::append(
+        &mut *blocker,
+        "blocked",
+        0,
+        &[event()],
+        &context,
+        None,
+        None,
+    )
+    .await?;
+    let append = |stream: &'static str, key: Option<IdempotencyKey>| {
+        let (store, context) = (store.clone(), context.clone());
+        tokio::spawn(async move {
+            store
+                .append(stream, 0, &[event()], &context, key.as_ref(), None)
+                .await
+        })
+    };
+    let r0 = append("blocked", None);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r1 = append("stream-a", Some(key("k")));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let r2 = append("stream-b", Some(key("k")));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let r3 = append("stream-b", Some(key("k2")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    blocker.commit().await?;
+
+    assert!(matches!(r0.await?, Err(AppendError::Conflict { .. })));
+    let (r1, r2, r3) = (r1.await?, r2.await?, r3.await?);
+    assert!(
+        matches!(r1, Err(AppendError::Conflict { .. })),
+        "r1: {r1:?}"
+    );
+    assert!(r2.is_ok(), "r2 is next on stream B and key k: {r2:?}");
+    assert!(
+        matches!(r3, Err(AppendError::Conflict { .. })),
+        "r3 comes after r2 on B: {r3:?}"
+    );
+    Ok(())
+}

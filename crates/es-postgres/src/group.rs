@@ -14,7 +14,10 @@
 //! (one order is rarely written by two clients at the same moment), so this
 //! costs little.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use chrono::{DateTime, Utc};
 use es::EventContext;
@@ -109,27 +112,36 @@ fn groupable(batch: &[Request]) -> bool {
         })
 }
 
-/// Splits a batch into parts with no stream or key twice, in queue order:
-/// each request goes to the first part that has neither its stream nor its
-/// key yet. A later request on the same stream lands in a later part, which
-/// is committed after, so one stream's appends keep their order.
+/// Splits a batch into parts with no stream or key twice, committed in
+/// order: each request goes to the part after the last one holding its
+/// stream or its key (the first part if none does). So every request
+/// commits after each earlier request on its stream or with its key, and
+/// answers exactly as it would have in queue order.
 fn parts(batch: Vec<Request>) -> Vec<Vec<Request>> {
-    let mut parts: Vec<(HashSet<String>, HashSet<String>, Vec<Request>)> = Vec::new();
+    let mut parts: Vec<Vec<Request>> = Vec::new();
+    // The last part each stream and each key went to.
+    let mut stream_part: HashMap<String, usize> = HashMap::new();
+    let mut key_part: HashMap<String, usize> = HashMap::new();
     for request in batch {
         let key = request.idempotency_key.as_ref().map(|k| k.key.clone());
-        let slot = parts.iter().position(|(streams, keys, _)| {
-            !streams.contains(&request.stream_id) && key.as_ref().is_none_or(|k| !keys.contains(k))
-        });
-        let slot = slot.unwrap_or_else(|| {
-            parts.push((HashSet::new(), HashSet::new(), Vec::new()));
-            parts.len() - 1
-        });
-        let (streams, keys, part) = &mut parts[slot];
-        streams.insert(request.stream_id.clone());
-        keys.extend(key);
-        part.push(request);
+        let after = [
+            stream_part.get(&request.stream_id),
+            key.as_ref().and_then(|k| key_part.get(k)),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .map_or(0, |last| last + 1);
+        if after == parts.len() {
+            parts.push(Vec::new());
+        }
+        stream_part.insert(request.stream_id.clone(), after);
+        if let Some(key) = key {
+            key_part.insert(key, after);
+        }
+        parts[after].push(request);
     }
-    parts.into_iter().map(|(_, _, part)| part).collect()
+    parts
 }
 
 /// Commits a batch: each part ([`parts`]) as one statement, one after the
