@@ -16,9 +16,12 @@
 //!
 //! Only one follower per name runs at a time, whichever replica it is in:
 //! it holds a session advisory lock on its own connection, which is also
-//! the connection it reads on, so losing the connection loses the lock and
-//! the reads together. The other replicas stand by and ask for the lock
-//! every [`TailConfig::standby_interval`].
+//! the connection it reads and checkpoints on, so losing the connection
+//! loses the lock, its own reads and its checkpoints together. (With
+//! [`SharedReads`] it may be handed a read another follower made; it still
+//! reads on its own after every poll, and a checkpoint on a lost connection
+//! fails.) The other replicas stand by and ask for the lock every
+//! [`TailConfig::standby_interval`].
 //!
 //! - A leader that dies (kill -9, a crash) closes its socket: Postgres ends
 //!   the session and frees the lock at once; a standby takes over within
@@ -35,11 +38,16 @@
 //!   ([`TailConfig::step_timeout`]), so it gives up, drops the connection
 //!   and stands by itself.
 //!
-//! Two leaders are never both *reading and checkpointing*; during a
-//! partition the old one may still publish what it had read, which
-//! JetStream's duplicate window (message id = event id) drops.
+//! Two leaders are never both *checkpointing*; during a partition the old
+//! one may still publish what it had read or was handed, which JetStream's
+//! duplicate window (message id = event id) drops.
 
-use std::{collections::VecDeque, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use es::RecordedEvent;
 use sqlx::{Connection as _, PgConnection, Row as _, postgres::PgListener};
@@ -440,6 +448,23 @@ struct Recent {
     horizon: u64,
 }
 
+/// A read being made now.
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    after: Cursor,
+    started: Instant,
+    done: Arc<tokio::sync::Notify>,
+}
+
+/// Kept reads (newest last) and the reads being made.
+#[derive(Debug, Default)]
+struct Kept {
+    reads: VecDeque<Recent>,
+    in_flight: Vec<InFlight>,
+    next_id: u64,
+}
+
 /// Reads shared by the followers of one database in one process.
 ///
 /// The relay and the projections advance in step: each woken by the same
@@ -455,13 +480,18 @@ struct Recent {
 /// every transaction whose wake-up the follower took (the wake-up names the
 /// transaction) is older than a commit it was told about: the follower
 /// handles its events and reads again at once, so it never waits for the
-/// next wake-up with such a commit unread; after a poll it reads on its own.
-/// Each follower still checkpoints on its own connection, where its
-/// leadership lock is.
+/// next wake-up with such a commit unread. After a poll (or a wake-up
+/// without a transaction id) a follower reads on its own.
+///
+/// A follower waits for another's read only if it started from the same
+/// cursor less than [`SHARED_WAIT`] ago; any other read (a follower
+/// behind the others, a connection in trouble) holds up no one. Each
+/// follower still checkpoints on its own connection, where its leadership
+/// lock is.
 #[derive(Debug, Clone)]
 pub struct SharedReads {
     database: String,
-    recent: Arc<tokio::sync::Mutex<VecDeque<Recent>>>,
+    kept: Arc<std::sync::Mutex<Kept>>,
     counts: Arc<ReadCounts>,
 }
 
@@ -474,13 +504,34 @@ struct ReadCounts {
 
 /// Reads kept: enough for followers a few batches apart.
 const KEPT_READS: usize = 8;
-/// Longest a follower waits for another's read in flight before it reads
-/// on its own (a read takes about a millisecond; a connection in trouble
-/// must not hold up the others).
+/// Longest a follower waits for another's read of the same events before
+/// it reads on its own (a read takes about a millisecond).
 const SHARED_WAIT: Duration = Duration::from_millis(100);
 
 type BatchRead<'a> =
     std::pin::Pin<Box<dyn Future<Output = Result<Batch, sqlx::Error>> + Send + 'a>>;
+
+/// Removes its read from the reads in flight and wakes those waiting for
+/// it, whether the read succeeded, failed or was dropped.
+struct Reading<'a> {
+    kept: &'a std::sync::Mutex<Kept>,
+    id: u64,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        lock(self.kept).in_flight.retain(|f| f.id != self.id);
+        self.done.notify_waiters();
+    }
+}
+
+/// The kept reads; a panic elsewhere while holding them leaves them usable
+/// (every change to them is a single push or removal).
+fn lock(kept: &std::sync::Mutex<Kept>) -> std::sync::MutexGuard<'_, Kept> {
+    kept.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 impl SharedReads {
     /// Shared reads for the followers of `database_url` (a follower of any
@@ -489,7 +540,7 @@ impl SharedReads {
     pub fn new(database_url: impl Into<String>) -> Self {
         Self {
             database: database_url.into(),
-            recent: Arc::default(),
+            kept: Arc::default(),
             counts: Arc::default(),
         }
     }
@@ -508,6 +559,25 @@ impl SharedReads {
         counter(&self.counts).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// A kept answer, or the read of the same events another follower is
+    /// making now (its id, its wake-up and its deadline).
+    fn look(
+        &self,
+        cursor: &Cursor,
+        limit: i64,
+        needed: u64,
+    ) -> Result<Batch, Option<(u64, Arc<tokio::sync::Notify>, Instant)>> {
+        let kept = lock(&self.kept);
+        if let Some(batch) = answer(&kept.reads, cursor, limit, needed) {
+            return Ok(batch);
+        }
+        Err(kept
+            .in_flight
+            .iter()
+            .find(|f| f.after == *cursor && f.started.elapsed() < SHARED_WAIT)
+            .map(|f| (f.id, Arc::clone(&f.done), f.started + SHARED_WAIT)))
+    }
+
     fn read<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -516,58 +586,97 @@ impl SharedReads {
         needed: u64,
     ) -> BatchRead<'a> {
         Box::pin(async move {
-            let Ok(mut recent) = tokio::time::timeout(SHARED_WAIT, self.recent.lock()).await else {
-                self.count(|c| &c.queried);
-                return Batch::read(conn, cursor, limit).await;
-            };
-            if let Some(batch) = Self::kept(&recent, cursor, limit, needed) {
-                self.count(|c| &c.handed_over);
-                return Ok(batch);
+            match self.look(cursor, limit, needed) {
+                Ok(batch) => {
+                    self.count(|c| &c.handed_over);
+                    return Ok(batch);
+                }
+                Err(Some((id, done, deadline))) => {
+                    let notified = done.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    // Still in flight now that the wake-up is armed: it
+                    // cannot finish unseen.
+                    let waiting = lock(&self.kept).in_flight.iter().any(|f| f.id == id);
+                    if waiting {
+                        let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+                    }
+                    if let Ok(batch) = self.look(cursor, limit, needed) {
+                        self.count(|c| &c.handed_over);
+                        return Ok(batch);
+                    }
+                }
+                Err(None) => {}
             }
             self.count(|c| &c.queried);
+            let reading = {
+                let mut kept = lock(&self.kept);
+                kept.next_id += 1;
+                let id = kept.next_id;
+                let done = Arc::new(tokio::sync::Notify::new());
+                kept.in_flight.push(InFlight {
+                    id,
+                    after: cursor.clone(),
+                    started: Instant::now(),
+                    done: Arc::clone(&done),
+                });
+                Reading {
+                    kept: &self.kept,
+                    id,
+                    done,
+                }
+            };
             let batch = Batch::read(conn, cursor, limit).await?;
-            if recent.len() == KEPT_READS {
-                recent.pop_front();
+            {
+                let mut kept = lock(&self.kept);
+                if kept.reads.len() == KEPT_READS {
+                    kept.reads.pop_front();
+                }
+                kept.reads.push_back(Recent {
+                    after: cursor.clone(),
+                    events: Arc::clone(&batch.read),
+                    full: batch.more,
+                    horizon: batch.horizon,
+                });
             }
-            recent.push_back(Recent {
-                after: cursor.clone(),
-                events: Arc::clone(&batch.read),
-                full: batch.more,
-                horizon: batch.horizon,
-            });
+            drop(reading);
             Ok(batch)
         })
     }
+}
 
-    /// The part of a kept read that answers a read from `cursor`, if any.
-    fn kept(recent: &VecDeque<Recent>, cursor: &Cursor, limit: i64, needed: u64) -> Option<Batch> {
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX).max(1);
-        recent.iter().rev().find_map(|read| {
-            let from = if read.after == *cursor {
-                0
-            } else {
-                read.events.iter().position(|(c, _)| c == cursor)? + 1
-            };
-            // Older than a commit the follower was told about: its events
-            // are still right, but more may follow them at once.
-            let stale = read.horizon < needed;
-            // A read that ends at the cursor says nothing about what came
-            // after it, unless it was complete (then: nothing, up to its
-            // horizon) and recent enough.
-            if from == read.events.len() && (read.full || stale) {
-                return None;
-            }
-            let to = read.events.len().min(from + limit);
-            Some(Batch {
-                read: Arc::clone(&read.events),
-                from,
-                to,
-                more: to < read.events.len() || read.full || stale,
-                horizon: read.horizon,
-                own: false,
-            })
-        })
+/// The part of a kept read that answers a read from `cursor` for a
+/// follower that needs `needed` (see [`SharedReads`]), if any.
+fn answer(reads: &VecDeque<Recent>, cursor: &Cursor, limit: i64, needed: u64) -> Option<Batch> {
+    if needed == u64::MAX {
+        return None;
     }
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX).max(1);
+    reads.iter().rev().find_map(|read| {
+        let from = if read.after == *cursor {
+            0
+        } else {
+            read.events.iter().position(|(c, _)| c == cursor)? + 1
+        };
+        // Older than a commit the follower was told about: its events
+        // are still right, but more may follow them at once.
+        let stale = read.horizon < needed;
+        // A read that ends at the cursor says nothing about what came
+        // after it, unless it was complete (then: nothing, up to its
+        // horizon) and recent enough.
+        if from == read.events.len() && (read.full || stale) {
+            return None;
+        }
+        let to = read.events.len().min(from + limit);
+        Some(Batch {
+            read: Arc::clone(&read.events),
+            from,
+            to,
+            more: to < read.events.len() || read.full || stale,
+            horizon: read.horizon,
+            own: false,
+        })
+    })
 }
 
 /// The next events past `cursor` whose transactions can no longer be joined
@@ -596,9 +705,10 @@ async fn read_with_horizon(
         "SELECT h.horizon::text AS horizon_text, e.* \
          FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h \
          LEFT JOIN LATERAL ( \
-             SELECT tx_id::text AS tx_text, {EVENT_COLUMNS} FROM events \
+             SELECT tx_id AS tx_order, tx_id::text AS tx_text, {EVENT_COLUMNS} FROM events \
              WHERE (tx_id, position) > ($1::text::xid8, $2) AND tx_id < h.horizon \
-             ORDER BY tx_id, position LIMIT $3) e ON true"
+             ORDER BY tx_id, position LIMIT $3) e ON true \
+         ORDER BY e.tx_order, e.position"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&cursor.tx_id)
@@ -628,4 +738,106 @@ async fn read_with_horizon(
         ));
     }
     Ok((events, horizon))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor(position: i64) -> Cursor {
+        Cursor {
+            tx_id: (1000 + position).to_string(),
+            position,
+        }
+    }
+
+    fn event(position: i64) -> (Cursor, RecordedEvent) {
+        (
+            cursor(position),
+            RecordedEvent {
+                position,
+                event_id: uuid::Uuid::now_v7(),
+                stream_id: "s".to_owned(),
+                version: position,
+                event_type: "test.happened".to_owned(),
+                schema_version: 1,
+                payload: serde_json::Value::Null,
+                occurred_at: chrono::Utc::now(),
+                context: es::EventContext::new("test"),
+            },
+        )
+    }
+
+    /// A read after `after` of events `positions`, at `horizon`.
+    fn read(
+        after: i64,
+        positions: std::ops::RangeInclusive<i64>,
+        full: bool,
+        horizon: u64,
+    ) -> Recent {
+        Recent {
+            after: cursor(after),
+            events: Arc::new(positions.map(event).collect()),
+            full,
+            horizon,
+        }
+    }
+
+    fn positions(batch: &Batch) -> Vec<i64> {
+        batch.events().iter().map(|(c, _)| c.position).collect()
+    }
+
+    #[test]
+    fn a_fresh_read_answers_from_its_start_or_any_of_its_events() {
+        let reads = VecDeque::from([read(0, 1..=5, false, 2000)]);
+        let whole = answer(&reads, &cursor(0), 100, 1500).expect("from its start");
+        assert_eq!(positions(&whole), [1, 2, 3, 4, 5]);
+        assert!(!whole.more && !whole.own);
+        let rest = answer(&reads, &cursor(3), 100, 1500).expect("from an event");
+        assert_eq!(positions(&rest), [4, 5]);
+        assert!(!rest.more);
+        // Complete up to its horizon: nothing after its last event.
+        let none = answer(&reads, &cursor(5), 100, 1500).expect("at its end");
+        assert!(none.events().is_empty() && !none.more);
+    }
+
+    #[test]
+    fn a_stale_read_is_handed_over_with_more_to_read_but_never_as_the_end() {
+        // The follower was woken for a transaction the read did not see.
+        let reads = VecDeque::from([read(0, 1..=5, false, 2000)]);
+        let rest = answer(&reads, &cursor(2), 100, 2001).expect("its events are right");
+        assert_eq!(positions(&rest), [3, 4, 5]);
+        assert!(rest.more, "read again at once");
+        assert!(answer(&reads, &cursor(5), 100, 2001).is_none());
+    }
+
+    #[test]
+    fn a_full_read_says_nothing_past_its_end_and_a_limit_cuts_it() {
+        let reads = VecDeque::from([read(0, 1..=5, true, 2000)]);
+        assert!(answer(&reads, &cursor(5), 100, 1500).is_none());
+        let rest = answer(&reads, &cursor(3), 100, 1500).expect("from an event");
+        assert_eq!(positions(&rest), [4, 5]);
+        assert!(rest.more);
+        let fresh = VecDeque::from([read(0, 1..=5, false, 2000)]);
+        let cut = answer(&fresh, &cursor(0), 2, 1500).expect("cut");
+        assert_eq!(positions(&cut), [1, 2]);
+        assert!(cut.more, "the rest of the read follows at once");
+    }
+
+    #[test]
+    fn after_a_poll_or_off_any_kept_read_the_follower_reads_on_its_own() {
+        let reads = VecDeque::from([read(0, 1..=5, false, 2000), read(5, 6..=6, false, 2100)]);
+        assert!(
+            answer(&reads, &cursor(2), 100, u64::MAX).is_none(),
+            "after a poll"
+        );
+        assert!(
+            answer(&reads, &cursor(9), 100, 1500).is_none(),
+            "not in any read"
+        );
+        // The newest read that holds the cursor answers.
+        let newest = answer(&reads, &cursor(5), 100, 1500).expect("the next read");
+        assert_eq!(positions(&newest), [6]);
+        assert_eq!(newest.horizon, 2100);
+    }
 }

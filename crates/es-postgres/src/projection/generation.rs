@@ -18,6 +18,7 @@ use crate::tail::{Cursor, Subscriber, TailError};
 pub(super) struct Generation<P> {
     projection: Arc<P>,
     generation: i32,
+    building: bool,
     /// When [`Subscriber::keep_running`] last asked the registry.
     checked: Option<Instant>,
     /// Events applied by this follower, and when the tables were last
@@ -47,10 +48,13 @@ struct Retired {
 }
 
 impl<P: Projection> Generation<P> {
-    pub(super) fn new(projection: Arc<P>, generation: i32) -> Self {
+    /// `building`: started for a rebuild (it stops once its generation is
+    /// live, and `projection::run` starts it again as the live one).
+    pub(super) fn new(projection: Arc<P>, generation: i32, building: bool) -> Self {
         Self {
             projection,
             generation,
+            building,
             checked: None,
             applied: 0,
             analysed_at: 0,
@@ -224,7 +228,9 @@ impl<P: Projection> Subscriber for Generation<P> {
         // A plain read first: no transaction, no lock, on the common path.
         let (live, building, live_cursor) = registry(&mut *conn, name, false).await?;
         if live == self.generation {
-            return Ok(true);
+            // Started to build it: stop, to be started again as the live
+            // follower (shared reads, live batch size).
+            return Ok(!self.building);
         }
         if building != Some(self.generation) {
             return Ok(false);
@@ -236,7 +242,7 @@ impl<P: Projection> Subscriber for Generation<P> {
         let mut tx = conn.begin().await?;
         let (live, building, live_cursor) = registry(&mut tx, name, true).await?;
         if building != Some(self.generation) {
-            return Ok(live == self.generation);
+            return Ok(false);
         }
         if cursor.key() < live_cursor.key() {
             return Ok(true);
@@ -261,6 +267,7 @@ impl<P: Projection> Subscriber for Generation<P> {
             to = self.generation,
             "rebuilt projection is now live"
         );
-        Ok(true)
+        // Started again as the live follower by `projection::run`.
+        Ok(false)
     }
 }

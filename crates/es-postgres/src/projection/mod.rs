@@ -251,11 +251,12 @@ pub async fn run<P: Projection>(
                     std::iter::once(status.live_generation).chain(status.building_generation)
                 {
                     running.entry(generation).or_insert_with(|| {
-                        let follower = Generation::new(projection.clone(), generation);
+                        let building = generation != status.live_generation;
+                        let follower = Generation::new(projection.clone(), generation, building);
                         // A rebuild reads in large batches: each batch is
                         // one transaction and two statements per read model.
                         let mut config = config.clone();
-                        if generation != status.live_generation {
+                        if building {
                             config.batch_size = config.batch_size.max(REBUILD_BATCH);
                             // Far behind the others: its reads are its own.
                             config.shared_reads = None;
