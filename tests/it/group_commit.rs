@@ -4,19 +4,10 @@
 
 use std::time::Duration;
 
+use crate::helpers::new_event;
 use es::EventContext;
-use es_postgres::{AppendError, EventStore, IdempotencyKey, NewEvent};
+use es_postgres::{AppendError, EventStore, IdempotencyKey};
 use testkit::TestDb;
-
-fn event() -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        event_type: "test.happened",
-        schema_version: 1,
-        payload: serde_json::json!({"n": 1}),
-        occurred_at: chrono::Utc::now(),
-    }
-}
 
 fn key(name: &str) -> IdempotencyKey {
     IdempotencyKey {
@@ -43,7 +34,7 @@ async fn queued_appends_commit_together_and_each_gets_its_own_answer() -> anyhow
         let (store, context) = (store.clone(), context.clone());
         tokio::spawn(async move {
             store
-                .append(&stream, 0, &[event()], &context, key.as_ref(), None)
+                .append(&stream, 0, &[new_event()], &context, key.as_ref(), None)
                 .await
         })
     };
@@ -125,7 +116,7 @@ async fn a_batch_split_by_a_stream_or_key_answers_in_queue_order() -> anyhow::Re
     let store = EventStore::new(pool.clone()).with_group_commit(1, 128);
     let context = EventContext::new("test");
     store
-        .append("stream-a", 0, &[event()], &context, None, None)
+        .append("stream-a", 0, &[new_event()], &context, None, None)
         .await?;
 
     // The writer is held on r0 until `blocker` ends: r0 waits for the
@@ -135,7 +126,7 @@ async fn a_batch_split_by_a_stream_or_key_answers_in_queue_order() -> anyhow::Re
         &mut *blocker,
         "blocked",
         0,
-        &[event()],
+        &[new_event()],
         &context,
         None,
         None,
@@ -145,7 +136,7 @@ async fn a_batch_split_by_a_stream_or_key_answers_in_queue_order() -> anyhow::Re
         let (store, context) = (store.clone(), context.clone());
         tokio::spawn(async move {
             store
-                .append(stream, 0, &[event()], &context, key.as_ref(), None)
+                .append(stream, 0, &[new_event()], &context, key.as_ref(), None)
                 .await
         })
     };

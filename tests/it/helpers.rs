@@ -64,3 +64,14 @@ pub(crate) fn order(items: Vec<OrderItem>) -> CreateOrderRequest {
         shipping_address: Some(address()),
     }
 }
+
+/// A minimal event for the event-store tests, with a fresh time-ordered id.
+pub(crate) fn new_event() -> es_postgres::NewEvent {
+    es_postgres::NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "test.happened",
+        schema_version: 1,
+        payload: serde_json::json!({"n": 1}),
+        occurred_at: chrono::Utc::now(),
+    }
+}

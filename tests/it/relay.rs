@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use crate::helpers::new_event;
 use async_nats::jetstream;
 use es::{EventContext, RecordedEvent};
 use es_postgres::{IntegrationMapper, NewEvent, Relay, RelayConfig, relay::MapError};
@@ -62,16 +63,6 @@ impl IntegrationMapper for Everything {
             headers: vec![],
             payload: event.event_id.to_string().into(),
         }))
-    }
-}
-
-fn new_event() -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        event_type: "test.happened",
-        schema_version: 1,
-        payload: serde_json::json!({"n": 1}),
-        occurred_at: chrono::Utc::now(),
     }
 }
 

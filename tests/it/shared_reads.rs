@@ -9,9 +9,10 @@ use std::{
     time::Duration,
 };
 
+use crate::helpers::new_event;
 use es::{EventContext, RecordedEvent};
 use es_postgres::{
-    EventStore, NewEvent,
+    EventStore,
     tail::{self, Cursor, SharedReads, Subscriber, TailConfig, TailError},
 };
 use sqlx::PgConnection;
@@ -69,16 +70,6 @@ impl Subscriber for Recorder {
             *self.cursor.lock().expect("lock") = last.clone();
         }
         Ok(())
-    }
-}
-
-fn event() -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        event_type: "test.happened",
-        schema_version: 1,
-        payload: serde_json::json!({"n": 1}),
-        occurred_at: chrono::Utc::now(),
     }
 }
 
@@ -145,7 +136,7 @@ async fn followers_sharing_reads_each_see_every_event_once_and_in_time() -> anyh
         &mut **slow.as_mut().expect("open"),
         "slow-1",
         0,
-        &[event()],
+        &[new_event()],
         &context,
         None,
         None,
@@ -163,7 +154,7 @@ async fn followers_sharing_reads_each_see_every_event_once_and_in_time() -> anyh
                         .append(
                             &format!("fast-{i}"),
                             round,
-                            &[event()],
+                            &[new_event()],
                             &context,
                             None,
                             None,
