@@ -246,6 +246,9 @@ struct StepTimedOut {
 
 /// The NOTIFY channel a statement trigger on `events` signals at commit.
 pub const CHANNEL: &str = "events_appended";
+/// How soon a follower reads again when its last read was below a
+/// transaction it was woken for.
+const RECHECK: Duration = Duration::from_millis(10);
 /// Most queued wake-ups taken at once before a read.
 const DRAIN: usize = 1024;
 const LOCK_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('shop.tail.' || $1))";
@@ -334,6 +337,12 @@ async fn follow<S: Subscriber>(
     // `u64::MAX` (after a poll or a wake-up without a transaction id):
     // only a read of its own will do.
     let mut needed = u64::MAX;
+    // Past every transaction this follower was woken for (0: none yet). A
+    // read below it left a commit it was told about unread (an older
+    // transaction, of any database, held the horizon back, and its own
+    // commit may send no wake-up): the follower then reads again after
+    // `RECHECK`, not after its poll interval.
+    let mut woken_for = 0_u64;
     loop {
         if !step(
             limit,
@@ -368,10 +377,20 @@ async fn follow<S: Subscriber>(
                 continue;
             }
         }
+        let behind = batch.horizon < woken_for;
+        let wait = if behind {
+            RECHECK.min(config.poll_interval)
+        } else {
+            config.poll_interval
+        };
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             notification = listener.recv() => {
-                needed = needed.max(committed(&notification?));
+                let tx = committed(&notification?);
+                needed = needed.max(tx);
+                if tx != u64::MAX {
+                    woken_for = woken_for.max(tx);
+                }
                 // Commits that landed while the last batch was handled each
                 // sent a notification; one read answers them all. Only what
                 // is already received is taken (never a wait), and at most
@@ -380,12 +399,18 @@ async fn follow<S: Subscriber>(
                 // consumed only once it is whole.
                 for _ in 0..DRAIN {
                     match futures::FutureExt::now_or_never(listener.recv()) {
-                        Some(more) => needed = needed.max(committed(&more?)),
+                        Some(more) => {
+                            let tx = committed(&more?);
+                            needed = needed.max(tx);
+                            if tx != u64::MAX {
+                    woken_for = woken_for.max(tx);
+                }
+                        }
                         None => break,
                     }
                 }
             }
-            () = tokio::time::sleep(config.poll_interval) => needed = u64::MAX,
+            () = tokio::time::sleep(wait) => needed = u64::MAX,
         }
     }
 }
